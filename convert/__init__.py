@@ -1,0 +1,1 @@
+"""Checkpoint readers, declarative key maps and writers (installed as ``flax_narrow.convert``)."""

@@ -1,0 +1,19 @@
+"""Typed exceptions. Library code raises these; CLIs turn them into one line and a non-zero exit code."""
+
+from __future__ import annotations
+
+
+class FlaxNarrowError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(FlaxNarrowError, ValueError):
+    """A configuration value is invalid or contradicts another one (or the weights)."""
+
+
+class CheckpointError(FlaxNarrowError):
+    """A checkpoint cannot be read or does not match the model (missing/unexpected/mis-shaped keys)."""
+
+
+class NarrowOverflowError(FlaxNarrowError, ValueError):
+    """More positions were selected in a row than the static budget P allows."""

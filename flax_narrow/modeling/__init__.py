@@ -1,0 +1,33 @@
+"""Flax NNX modules for BERT, RoBERTa-shaped models, BORT and NarrowBERT."""
+
+from flax_narrow.modeling.base import PreTrainedEncoder
+from flax_narrow.modeling.bert import (
+    MODEL_CLASSES,
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    BortForMaskedLM,
+    BortForMultipleChoice,
+    BortForQuestionAnswering,
+    BortForSequenceClassification,
+    BortForTokenClassification,
+    BortModel,
+)
+from flax_narrow.modeling.outputs import (
+    EncoderOutput,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+__all__ = [
+    "MODEL_CLASSES", "PreTrainedEncoder", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
+    "BertForMultipleChoice", "BertForTokenClassification", "BertForQuestionAnswering", "BortModel",
+    "BortForMaskedLM", "BortForSequenceClassification", "BortForMultipleChoice", "BortForTokenClassification",
+    "BortForQuestionAnswering", "EncoderOutput", "MaskedLMOutput", "SequenceClassifierOutput",
+    "TokenClassifierOutput", "QuestionAnsweringModelOutput",
+]

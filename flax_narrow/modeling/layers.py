@@ -1,0 +1,246 @@
+"""BERT-family building blocks in Flax NNX. Attribute names mirror transformers' PyTorch module tree.
+
+Shape letters: B batch, L (or T) query length, S key length, H hidden, N heads, D head dim, F FFN width,
+P selected rows of a narrow layer.
+
+Parameters carry logical axis names in their ``logical_axes`` metadata (e.g. ``("embed", "mlp")``); the
+training code maps them to mesh axes with one rules table (sharding is data, not code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_narrow.config import EncoderConfig
+from flax_narrow.ops.gather import gather_rows
+
+
+def _init(config: EncoderConfig) -> Any:
+    return nnx.initializers.normal(stddev=config.initializer_range)
+
+
+def dense(config: EncoderConfig, n_in: int, n_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear layer with BERT's init, the config's dtypes, and logical axis names ``axes`` on its kernel."""
+    return nnx.Linear(
+        n_in, n_out, dtype=config.compute_dtype, param_dtype=config.params_dtype, kernel_init=_init(config),
+        kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": (axes[1],)}, rngs=rngs,
+    )
+
+
+def layer_norm(config: EncoderConfig, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Statistics are computed in fp32 whatever the compute dtype (flax promotes them).
+    return nnx.LayerNorm(
+        config.hidden_size, epsilon=eps, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+        scale_metadata={"logical_axes": ("norm",)}, bias_metadata={"logical_axes": ("norm",)}, rngs=rngs,
+    )
+
+
+def activation(name: str):
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+    }[name]
+
+
+class BertEmbeddings(nnx.Module):
+    """word + position (+ token type) embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        h = config.hidden_size
+
+        def embed(n: int, axes: tuple[str, str]) -> nnx.Embed:
+            return nnx.Embed(n, h, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+                             embedding_init=_init(config), embedding_metadata={"logical_axes": axes}, rngs=rngs)
+
+        self.word_embeddings = embed(config.vocab_size, ("vocab", "embed"))
+        self.position_embeddings = embed(config.max_position_embeddings, ("position", "embed"))
+        self.token_type_embeddings = embed(config.type_vocab_size, ("type", "embed")) if config.type_vocab_size else None
+        self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def position_ids(self, input_ids_bl: jax.Array) -> jax.Array:
+        """int32[B, L]: 0..L-1 (BERT), or RoBERTa's padding-aware ids starting at ``position_offset``."""
+        cfg = self.config
+        if cfg.position_offset == 0:
+            return jnp.broadcast_to(jnp.arange(input_ids_bl.shape[1], dtype=jnp.int32), input_ids_bl.shape)
+        not_pad = input_ids_bl != cfg.pad_token_id
+        rank = jnp.cumsum(not_pad, axis=1, dtype=jnp.int32) - 1
+        return jnp.where(not_pad, rank + cfg.position_offset, cfg.pad_token_id)
+
+    def __call__(self, input_ids_bl: jax.Array, token_type_ids_bl: jax.Array | None = None,
+                 position_ids_bl: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+        """int32[B, L] ids -> (B, L, H) embeddings."""
+        if position_ids_bl is None:
+            position_ids_bl = self.position_ids(input_ids_bl)
+        x = self.word_embeddings(input_ids_bl) + self.position_embeddings(position_ids_bl)
+        if self.token_type_embeddings is not None:
+            if token_type_ids_bl is None:
+                token_type_ids_bl = jnp.zeros_like(input_ids_bl)
+            x = x + self.token_type_embeddings(token_type_ids_bl)
+        x = self.LayerNorm(x)
+        return self.dropout(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nnx.Module):
+    """Multi-head attention. Queries come from ``hidden_btd``; keys/values from ``kv_bsd`` (default: the same).
+
+    With ``kv_bsd`` distinct this is NarrowBERT's narrow attention: P selected rows attend over all S tokens.
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        h = config.hidden_size
+        self.query = dense(config, h, h, ("embed", "heads"), rngs)
+        self.key = dense(config, h, h, ("embed", "heads"), rngs)
+        self.value = dense(config, h, h, ("embed", "heads"), rngs)
+        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
+
+    def _split(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        return x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim))
+
+    def __call__(self, hidden_btd: jax.Array, key_mask_bs: jax.Array, kv_bsd: jax.Array | None = None, *,
+                 deterministic: bool = True, output_attentions: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """Returns (context (B, T, H), attention probabilities (B, N, T, S) or None)."""
+        kv_bsd = hidden_btd if kv_bsd is None else kv_bsd
+        q_btnd = self._split(self.query(hidden_btd))
+        k_bsnd = self._split(self.key(kv_bsd))
+        v_bsnd = self._split(self.value(kv_bsd))
+        mask_b11s = key_mask_bs[:, None, None, :]
+        use_dropout = not deterministic and self.config.attention_probs_dropout_prob > 0
+        if output_attentions or use_dropout:
+            ctx_btnd, probs = self._explicit(q_btnd, k_bsnd, v_bsnd, mask_b11s, deterministic)
+        else:
+            ctx_btnd = jax.nn.dot_product_attention(q_btnd, k_bsnd, v_bsnd, mask=mask_b11s,
+                                                    implementation=self.config.attention_impl)
+            probs = None
+        return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
+
+    def _explicit(self, q_btnd, k_bsnd, v_bsnd, mask_b11s, deterministic):
+        """Softmax attention written out (fp32 scores), for attention dropout and returned probabilities."""
+        scale = 1.0 / jnp.sqrt(jnp.float32(self.config.head_dim))
+        scores = jnp.einsum("BTND,BSND->BNTS", q_btnd, k_bsnd, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask_b11s, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        dropped = self.dropout(probs, deterministic=deterministic).astype(v_bsnd.dtype)
+        return jnp.einsum("BNTS,BSND->BTND", dropped, v_bsnd), probs
+
+
+class BertSelfOutput(nnx.Module):
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.dense = dense(config, config.hidden_size, config.hidden_size, ("heads", "embed"), rngs)
+        self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, ctx_btd: jax.Array, residual_btd: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        return self.LayerNorm(self.dropout(self.dense(ctx_btd), deterministic=deterministic) + residual_btd)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(config, rngs=rngs)
+        self.output = BertSelfOutput(config, rngs=rngs)
+
+    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
+        ctx, probs = self.self(hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic,
+                               output_attentions=output_attentions)
+        return self.output(ctx, hidden_btd, deterministic=deterministic), probs
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.dense = dense(config, config.hidden_size, config.intermediate_size, ("embed", "mlp"), rngs)
+        self.act = activation(config.hidden_act)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.act(self.dense(x_btd))
+
+
+class BertOutput(nnx.Module):
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.dense = dense(config, config.intermediate_size, config.hidden_size, ("mlp", "embed"), rngs)
+        self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, x_btf: jax.Array, residual_btd: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        return self.LayerNorm(self.dropout(self.dense(x_btf), deterministic=deterministic) + residual_btd)
+
+
+class BertLayer(nnx.Module):
+    """Post-LN transformer layer. ``kv_bsd`` given: a narrow layer (queries, residual and FFN on T rows only)."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(config, rngs=rngs)
+        self.intermediate = BertIntermediate(config, rngs=rngs)
+        self.output = BertOutput(config, rngs=rngs)
+
+    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
+        x, probs = self.attention(hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic,
+                                  output_attentions=output_attentions)
+        return self.output(self.intermediate(x), x, deterministic=deterministic), probs
+
+
+class BertPooler(nnx.Module):
+    """tanh(Dense(first row))."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.dense = dense(config, config.hidden_size, config.hidden_size, ("embed", "embed_out"), rngs)
+
+    def __call__(self, hidden_btd: jax.Array) -> jax.Array:
+        return jnp.tanh(self.dense(hidden_btd[:, 0]))
+
+
+class BertEncoder(nnx.Module):
+    """N layers in one ``nnx.List``; behaviour switches at F = ``config.num_full_layers`` (NarrowBERT).
+
+    Layers [0, F) run over all L tokens; their output C is frozen as the key/value source of every narrow layer
+    [F, N), which updates only the P selected rows. With F = N (BERT) every layer is full length.
+    """
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.layer = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+
+    def __call__(self, hidden_bld: jax.Array, key_mask_bl: jax.Array, narrow_positions_bp: jax.Array | None = None,
+                 *, deterministic: bool = True, output_hidden_states: bool = False,
+                 output_attentions: bool = False) -> tuple[jax.Array, tuple | None, tuple | None]:
+        """Returns (final hidden (B, L, H), or (B, P, H) when positions are given; hidden states; attentions).
+
+        ``hidden_states`` holds the embeddings then each layer's output: full layers (B, L, H), narrow (B, P, H).
+        """
+        states = [hidden_bld] if output_hidden_states else None
+        attns = [] if output_attentions else None
+        x = hidden_bld
+        full = self.config.num_full_layers
+        for i, layer in enumerate(self.layer):
+            if i == full:
+                break
+            x, probs = layer(x, key_mask_bl, deterministic=deterministic, output_attentions=output_attentions)
+            if states is not None:
+                states.append(x)
+            if attns is not None:
+                attns.append(probs)
+        if narrow_positions_bp is not None:
+            context_bld = x
+            x = gather_rows(context_bld, narrow_positions_bp)
+            for layer in list(self.layer)[full:]:
+                x, probs = layer(x, key_mask_bl, context_bld, deterministic=deterministic,
+                                 output_attentions=output_attentions)
+                if states is not None:
+                    states.append(x)
+                if attns is not None:
+                    attns.append(probs)
+        elif full < self.config.num_hidden_layers:
+            raise ValueError(
+                f"a NarrowBERT encoder (full_length_layers={full} < {self.config.num_hidden_layers} layers) needs "
+                "narrow positions: pass narrow_positions/narrow_valid (or narrow_mask outside jit)"
+            )
+        return x, (tuple(states) if states is not None else None), (tuple(attns) if attns is not None else None)

@@ -1,0 +1,1 @@
+"""Training programs and their machinery (installed as ``flax_narrow.train``)."""
