@@ -230,7 +230,8 @@ class EncoderConfig:
         if id2label:
             names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label))]
             kw["num_labels"] = len(names)
-            kw["label_names"] = tuple(names)
+            if names != [f"LABEL_{i}" for i in range(len(names))]:  # transformers' placeholder names
+                kw["label_names"] = tuple(names)
         elif "num_labels" in d:
             kw["num_labels"] = d["num_labels"]
         kw.update(overrides)
