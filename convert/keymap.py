@@ -171,8 +171,9 @@ def plan_load(
             dropped.append(orig)
         else:
             unexpected.append(orig)
-    return LoadPlan(assignments, sorted(fresh), sorted(dropped), sorted(ignored), sorted(missing),
-                    sorted(unexpected), mismatched)
+    return LoadPlan(
+        assignments, sorted(fresh), sorted(dropped), sorted(ignored), sorted(missing), sorted(unexpected), mismatched
+    )
 
 
 def _is_head_key(key: str) -> bool:

@@ -66,8 +66,9 @@ class SafetensorsSource(TensorSource):
             except FileNotFoundError:
                 raise CheckpointError(f"{file}: file not found (listed in the index but missing)") from None
             except Exception as e:  # safetensors raises SafetensorError for bad headers / truncated files
-                raise CheckpointError(f"{file}: not a valid safetensors file ({e}); re-download or re-export it") \
-                    from None
+                raise CheckpointError(
+                    f"{file}: not a valid safetensors file ({e}); re-download or re-export it"
+                ) from None
             self._np_handles[file] = handle
             size = os.path.getsize(file)
             for key in handle.keys():
@@ -182,6 +183,7 @@ def find_weight_files(directory: str) -> tuple[str, list[str]]:
 
     Preference: flax-narrow weights, then safetensors (single or sharded), then PyTorch pickles.
     """
+
     def has(name: str) -> bool:
         return os.path.isfile(os.path.join(directory, name))
 

@@ -38,17 +38,20 @@ def random_batch(config, batch: int = 2, length: int = 16, seed: int = 0) -> dic
     ids = np.where(ids == config.pad_token_id, low, ids)
     mask = np.ones((batch, length), np.int64)
     for b in range(1, batch):
-        mask[b, length - (b * length) // (2 * batch) - 1:] = 0
+        mask[b, length - (b * length) // (2 * batch) - 1 :] = 0
     ids = np.where(mask == 1, ids, config.pad_token_id)
     types = np.zeros_like(ids)
     if config.type_vocab_size > 1:
-        types[:, length // 2:] = 1
+        types[:, length // 2 :] = 1
         types = types * mask
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def verify_against_torch(model, checkpoint_dir: str | os.PathLike, batch: dict[str, np.ndarray] | None = None,
-                         ) -> Verification:
+def verify_against_torch(
+    model,
+    checkpoint_dir: str | os.PathLike,
+    batch: dict[str, np.ndarray] | None = None,
+) -> Verification:
     """Run ``model`` and transformers' counterpart loaded from ``checkpoint_dir`` (an HF directory) in fp32.
 
     Compares the main output on non-padded positions and returns the max abs difference.

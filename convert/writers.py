@@ -79,8 +79,11 @@ def write_flax_checkpoint(
         cfg["architectures"] = [architecture]
         cfg["flax_narrow"] = {"format_version": FORMAT_VERSION, "architecture": architecture, "config": config_dict}
         write_json(os.path.join(tmp, "config.json"), cfg)
-        save_file({k: np.ascontiguousarray(v) for k, v in params.items()},
-                  os.path.join(tmp, "flax_model.safetensors"), metadata={"format": "flax-narrow"})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in params.items()},
+            os.path.join(tmp, "flax_model.safetensors"),
+            metadata={"format": "flax-narrow"},
+        )
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, name))
     return os.path.abspath(os.fspath(destination))

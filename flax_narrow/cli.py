@@ -1,40 +1,38 @@
-"""``flax-narrow``: one command with sub-commands. Each is a thin wrapper over an importable function.
+"""``flax-narrow``: one command with sub-commands. Each is a thin wrapper over importable functions.
 
-Library errors (:class:`~flax_narrow.errors.FlaxNarrowError`) become one line on stderr and exit code 2.
+Every module in ``COMMAND_MODULES`` has ``register(subparsers)``, which adds its sub-commands and sets
+``func`` on them. Library errors (:class:`~flax_narrow.errors.FlaxNarrowError`) become one line on stderr and
+exit code 2; nothing else is printed for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from flax_narrow.errors import FlaxNarrowError
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from flax_narrow.demo import run_demo
-
-    run_demo(args.out)
-    return 0
+COMMAND_MODULES = ("flax_narrow.demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flax-narrow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flax-narrow", description="BORT and NarrowBERT in JAX/Flax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline end-to-end demo (CPU, about a minute)")
-    demo.add_argument("--out", default=None, help="output directory (default: a fresh temporary directory)")
-    demo.set_defaults(func=_demo)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
-        return args.func(args)
+        return int(args.func(args) or 0)
     except FlaxNarrowError as e:
         print(f"flax-narrow {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -70,8 +70,14 @@ class EncoderConfig:
             if not cond:
                 raise ConfigError(f"EncoderConfig: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         need(self.type_vocab_size >= 0, f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
@@ -90,8 +96,10 @@ class EncoderConfig:
         need(self.position_offset >= 0, f"position_offset must be >= 0, got {self.position_offset}")
         need(self.num_labels >= 1, f"num_labels must be >= 1, got {self.num_labels}")
         if self.label_names is not None:
-            need(len(self.label_names) == self.num_labels,
-                 f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}")
+            need(
+                len(self.label_names) == self.num_labels,
+                f"label_names has {len(self.label_names)} names but num_labels is {self.num_labels}",
+            )
         if self.full_length_layers is not None:
             need(
                 1 <= self.full_length_layers <= self.num_hidden_layers,
@@ -150,26 +158,53 @@ class EncoderConfig:
 
     @classmethod
     def bert_large(cls, **kw: Any) -> EncoderConfig:
-        return cls(**{**dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                             intermediate_size=4096), **kw})
+        return cls(
+            **{**dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096), **kw}
+        )
 
     @classmethod
     def bort(cls, **kw: Any) -> EncoderConfig:
         """BORT as in the released checkpoint (``amazon/bort``); MLM-head LN eps 1e-12 as in GluonNLP."""
-        return cls(**{**dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                             intermediate_size=768, type_vocab_size=1, layer_norm_eps=1e-5,
-                             mlm_head_layer_norm_eps=1e-12, pad_token_id=1), **kw})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=50265,
+                    hidden_size=1024,
+                    num_hidden_layers=4,
+                    num_attention_heads=8,
+                    intermediate_size=768,
+                    type_vocab_size=1,
+                    layer_norm_eps=1e-5,
+                    mlm_head_layer_norm_eps=1e-12,
+                    pad_token_id=1,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def roberta_base(cls, **kw: Any) -> EncoderConfig:
-        return cls(**{**dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
-                             layer_norm_eps=1e-5, pad_token_id=1, position_offset=2, model_type="roberta"), **kw})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=50265,
+                    max_position_embeddings=514,
+                    type_vocab_size=1,
+                    layer_norm_eps=1e-5,
+                    pad_token_id=1,
+                    position_offset=2,
+                    model_type="roberta",
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def roberta_large(cls, **kw: Any) -> EncoderConfig:
         """The BORT distillation teacher's shape."""
-        return cls.roberta_base(**{**dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                          intermediate_size=4096), **kw})
+        return cls.roberta_base(
+            **{**dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096), **kw}
+        )
 
     @classmethod
     def narrowbert_base(cls, **kw: Any) -> EncoderConfig:
@@ -178,14 +213,36 @@ class EncoderConfig:
     @classmethod
     def tiny(cls, **kw: Any) -> EncoderConfig:
         """A BERT small enough for unit tests (a few thousand parameters)."""
-        return cls(**{**dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=37, max_position_embeddings=64), **kw})
+        return cls(
+            **{
+                **dict(
+                    vocab_size=128,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=37,
+                    max_position_embeddings=64,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def tiny_bort(cls, **kw: Any) -> EncoderConfig:
         """BORT's proportions (FFN smaller than hidden, eps 1e-5, one token type, pad id 1), tiny."""
-        return cls.tiny(**{**dict(hidden_size=64, intermediate_size=48, num_attention_heads=4, type_vocab_size=1,
-                                  layer_norm_eps=1e-5, pad_token_id=1), **kw})
+        return cls.tiny(
+            **{
+                **dict(
+                    hidden_size=64,
+                    intermediate_size=48,
+                    num_attention_heads=4,
+                    type_vocab_size=1,
+                    layer_norm_eps=1e-5,
+                    pad_token_id=1,
+                ),
+                **kw,
+            }
+        )
 
     @classmethod
     def tiny_narrowbert(cls, **kw: Any) -> EncoderConfig:

@@ -19,17 +19,26 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def write_bort_like_checkpoint(directory: str, *, hidden: int = 256, layers: int = 4, vocab: int = 50265,
-                               seed: int = 0) -> str:
+def write_bort_like_checkpoint(
+    directory: str, *, hidden: int = 256, layers: int = 4, vocab: int = 50265, seed: int = 0
+) -> str:
     """A BORT-proportioned random ``BertForMaskedLM`` saved like ``amazon/bort``: fp16 .bin, untied decoder."""
     import torch
     from transformers import BertConfig
     from transformers import BertForMaskedLM as TorchMLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
-                     intermediate_size=hidden * 3 // 4, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
-                     architectures=["BertForMaskedLM"])
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        intermediate_size=hidden * 3 // 4,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        architectures=["BertForMaskedLM"],
+    )
     model = TorchMLM(cfg).eval()
     sd = {k: v.detach().clone().half() for k, v in model.state_dict().items()}
     sd["cls.predictions.decoder.weight"] = torch.randn_like(sd["cls.predictions.decoder.weight"])  # stale copy
@@ -69,13 +78,28 @@ def run_demo(out_dir: str | None = None) -> dict[str, float]:
     dense = model(batch["input_ids"], batch["attention_mask"])
     gap = float(np.abs(np.asarray(sparse.logits[:, :3]) - np.asarray(dense.logits[:, [3, 7, 11]])).max())
     figures["gathered_vs_dense"] = gap
-    print(f"      MLM logits at 3 masked positions (P=4 static): {tuple(sparse.logits.shape)}; "
-          f"equal to the dense logits there within {gap:.1e}")
+    print(
+        f"      MLM logits at 3 masked positions (P=4 static): {tuple(sparse.logits.shape)}; "
+        f"equal to the dense logits there within {gap:.1e}"
+    )
 
     saved = model.save_pretrained(os.path.join(out_dir, "bort-like-flax"))
     again = BortForMaskedLM.from_pretrained(saved)
-    same = float(np.abs(np.asarray(again(batch["input_ids"], batch["attention_mask"]).logits)
-                        - np.asarray(dense.logits)).max())
+    same = float(
+        np.abs(np.asarray(again(batch["input_ids"], batch["attention_mask"]).logits) - np.asarray(dense.logits)).max()
+    )
     figures["roundtrip_diff"] = same
     print(f"[4/4] save_pretrained -> from_pretrained round trip: {saved} (max abs diff {same:.1e})")
     return figures
+
+
+def register(sub) -> None:
+    """``flax-narrow demo``."""
+    p = sub.add_parser("demo", help="offline end-to-end demo (CPU, about a minute)")
+    p.add_argument("--out", default=None, help="output directory (default: a fresh temporary directory)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    run_demo(args.out)
+    return 0

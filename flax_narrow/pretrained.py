@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*"]
 
 
-def resolve_path(path_or_hub_id: str | os.PathLike, *, revision: str | None = None,
-                 cache_dir: str | None = None) -> str:
+def resolve_path(
+    path_or_hub_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
+) -> str:
     """A local directory for ``path_or_hub_id``: the path itself, or a hub snapshot (network needed)."""
     path = os.fspath(path_or_hub_id)
     if os.path.exists(path):
@@ -72,8 +73,10 @@ def check_layer_layout(keys: list[str], config: EncoderConfig, where: str) -> No
         return
     if narrow:
         if not config.is_narrow:
-            raise ConfigError(f"{where}: the weights hold NarrowBERT layers (encoder_narrow.layer.*) but the config "
-                              f"has no full_length_layers < num_hidden_layers")
+            raise ConfigError(
+                f"{where}: the weights hold NarrowBERT layers (encoder_narrow.layer.*) but the config "
+                f"has no full_length_layers < num_hidden_layers"
+            )
         if full != set(range(config.num_full_layers)) or narrow != set(range(config.num_narrow_layers)):
             raise ConfigError(
                 f"{where}: config says full_length_layers={config.full_length_layers} of "
@@ -81,8 +84,10 @@ def check_layer_layout(keys: list[str], config: EncoderConfig, where: str) -> No
                 f"encoder_narrow.layer {sorted(narrow)}"
             )
     elif full != set(range(config.num_hidden_layers)):
-        raise ConfigError(f"{where}: config says num_hidden_layers={config.num_hidden_layers} but the weights hold "
-                          f"encoder.layer {sorted(full)}")
+        raise ConfigError(
+            f"{where}: config says num_hidden_layers={config.num_hidden_layers} but the weights hold "
+            f"encoder.layer {sorted(full)}"
+        )
 
 
 def _flat(state: nnx.State) -> dict[str, Any]:
@@ -177,8 +182,12 @@ def _warn_stale_decoder(source: readers.TensorSource, plan: keymap.LoadPlan) -> 
         return
     diff = float(np.max(np.abs(source.get(dec).astype(np.float32) - source.get(emb).astype(np.float32))))
     if diff > 0:
-        log.warning("checkpoint holds an untied MLM decoder copy (%s) differing from the word embeddings by up to "
-                    "%.3g; ignored: the decoder is tied to the word embeddings", dec, diff)
+        log.warning(
+            "checkpoint holds an untied MLM decoder copy (%s) differing from the word embeddings by up to "
+            "%.3g; ignored: the decoder is tied to the word embeddings",
+            dec,
+            diff,
+        )
 
 
 def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool = True) -> str:

@@ -26,7 +26,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, **kwargs: Any):
         files = set(os.listdir(path))
         if "tokenizer.json" not in files and "tokenizer_config.json" not in files:
             if "vocab.txt" in files:
-                return BertTokenizerFast(vocab_file=os.path.join(path, "vocab.txt"), **kwargs)
+                # transformers 5: vocab= (a dict) builds the tokenizer; vocab_file= would silently not.
+                with open(os.path.join(path, "vocab.txt"), encoding="utf-8") as fh:
+                    vocab = {line.rstrip("\n"): i for i, line in enumerate(fh)}
+                return BertTokenizerFast(vocab=vocab, **kwargs)
             if {"vocab.json", "merges.txt"} <= files:
                 return _roberta_from_files(path, RobertaTokenizerFast, **kwargs)
             raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, vocab.txt, or vocab.json+merges.txt)")

@@ -25,9 +25,23 @@ from flax_narrow.modeling.outputs import (
 )
 
 __all__ = [
-    "MODEL_CLASSES", "PreTrainedEncoder", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
-    "BertForMultipleChoice", "BertForTokenClassification", "BertForQuestionAnswering", "BortModel",
-    "BortForMaskedLM", "BortForSequenceClassification", "BortForMultipleChoice", "BortForTokenClassification",
-    "BortForQuestionAnswering", "EncoderOutput", "MaskedLMOutput", "SequenceClassifierOutput",
-    "TokenClassifierOutput", "QuestionAnsweringModelOutput",
+    "MODEL_CLASSES",
+    "PreTrainedEncoder",
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+    "BertForMultipleChoice",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+    "BortModel",
+    "BortForMaskedLM",
+    "BortForSequenceClassification",
+    "BortForMultipleChoice",
+    "BortForTokenClassification",
+    "BortForQuestionAnswering",
+    "EncoderOutput",
+    "MaskedLMOutput",
+    "SequenceClassifierOutput",
+    "TokenClassifierOutput",
+    "QuestionAnsweringModelOutput",
 ]

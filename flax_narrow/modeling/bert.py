@@ -17,7 +17,7 @@ from flax import nnx
 
 from flax_narrow.config import EncoderConfig
 from flax_narrow.modeling.base import PreTrainedEncoder, resolve_narrow
-from flax_narrow.modeling.layers import BertEmbeddings, BertEncoder, BertPooler, dense, layer_norm, activation
+from flax_narrow.modeling.layers import BertEmbeddings, BertEncoder, BertPooler, activation, dense, layer_norm
 from flax_narrow.modeling.losses import IGNORE_INDEX, classification_loss, masked_cross_entropy
 from flax_narrow.modeling.outputs import (
     EncoderOutput,
@@ -44,20 +44,33 @@ class BertModel(PreTrainedEncoder):
         self.encoder = BertEncoder(config, rngs=rngs)
         self.pooler = BertPooler(config, rngs=rngs) if add_pooling_layer else None
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 narrow_positions=None, narrow_valid=None, narrow_mask=None, cls_only: bool = False,
-                 deterministic: bool = True, output_hidden_states: bool = False,
-                 output_attentions: bool = False) -> EncoderOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        narrow_positions=None,
+        narrow_valid=None,
+        narrow_mask=None,
+        cls_only: bool = False,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = input_ids != cfg.pad_token_id
         key_mask_bl = jnp.asarray(attention_mask).astype(bool)
-        positions, valid = resolve_narrow(cfg, input_ids, narrow_positions, narrow_valid, narrow_mask,
-                                          cls_only=cls_only)
+        positions, valid = resolve_narrow(
+            cfg, input_ids, narrow_positions, narrow_valid, narrow_mask, cls_only=cls_only
+        )
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic=deterministic)
-        kw = dict(deterministic=deterministic, output_hidden_states=output_hidden_states,
-                  output_attentions=output_attentions)
+        kw = dict(
+            deterministic=deterministic, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         if cfg.is_narrow:
             hidden, states, attns = self.encoder(x, key_mask_bl, positions, **kw)
             pooled = self.pooler(hidden) if self.pooler is not None else None  # row 0 = first selected row
@@ -114,15 +127,41 @@ class BertForMaskedLM(PreTrainedEncoder):
         self.bert = _task_base(config, False, rngs)
         self.cls = BertOnlyMLMHead(config, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
-                 narrow_positions=None, narrow_valid=None, narrow_mask=None, deterministic=True,
-                 output_hidden_states=False, output_attentions=False) -> MaskedLMOutput:
-        if (labels is not None and narrow_positions is None and narrow_mask is None and self.config.is_narrow
-                and labels.shape == jnp.shape(input_ids)):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        labels=None,
+        narrow_positions=None,
+        narrow_valid=None,
+        narrow_mask=None,
+        deterministic=True,
+        output_hidden_states=False,
+        output_attentions=False,
+    ) -> MaskedLMOutput:
+        if (
+            labels is not None
+            and narrow_positions is None
+            and narrow_mask is None
+            and self.config.is_narrow
+            and labels.shape == jnp.shape(input_ids)
+        ):
             narrow_mask = jax.device_get(labels) != IGNORE_INDEX
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, narrow_positions=narrow_positions,
-                        narrow_valid=narrow_valid, narrow_mask=narrow_mask, deterministic=deterministic,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            narrow_positions=narrow_positions,
+            narrow_valid=narrow_valid,
+            narrow_mask=narrow_mask,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         logits = self.cls.predictions(out.last_hidden_state, self.bert.embeddings.word_embeddings)
         loss = None
         if labels is not None:
@@ -149,11 +188,28 @@ class BertForSequenceClassification(PreTrainedEncoder):
         self.dropout = nnx.Dropout(rate, rngs=rngs)
         self.classifier = dense(config, config.hidden_size, config.num_labels, ("embed", "labels"), rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
-                 deterministic=True, output_hidden_states=False, output_attentions=False) -> SequenceClassifierOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cls_only=True,
-                        deterministic=deterministic, output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions)
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        labels=None,
+        deterministic=True,
+        output_hidden_states=False,
+        output_attentions=False,
+    ) -> SequenceClassifierOutput:
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            cls_only=True,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         logits = self.classifier(self.dropout(out.pooler_output, deterministic=deterministic))
         loss = None
         if labels is not None:
@@ -173,17 +229,34 @@ class BertForMultipleChoice(PreTrainedEncoder):
         self.dropout = nnx.Dropout(rate, rngs=rngs)
         self.classifier = dense(config, config.hidden_size, 1, ("embed", "labels"), rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
-                 deterministic=True, output_hidden_states=False, output_attentions=False) -> SequenceClassifierOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        labels=None,
+        deterministic=True,
+        output_hidden_states=False,
+        output_attentions=False,
+    ) -> SequenceClassifierOutput:
         input_ids = jnp.asarray(input_ids)
         b, c, length = input_ids.shape
 
         def flat(x):
             return None if x is None else jnp.asarray(x).reshape(b * c, length)
 
-        out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
-                        cls_only=True, deterministic=deterministic, output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions)
+        out = self.bert(
+            flat(input_ids),
+            flat(attention_mask),
+            flat(token_type_ids),
+            flat(position_ids),
+            cls_only=True,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         logits = self.classifier(self.dropout(out.pooler_output, deterministic=deterministic)).reshape(b, c)
         loss = None if labels is None else masked_cross_entropy(logits, jnp.asarray(labels))
         return SequenceClassifierOutput(logits, loss, out.hidden_states, out.attentions)
@@ -201,21 +274,48 @@ class BertForTokenClassification(PreTrainedEncoder):
         self.dropout = nnx.Dropout(rate, rngs=rngs)
         self.classifier = dense(config, config.hidden_size, config.num_labels, ("embed", "labels"), rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, labels=None,
-                 narrow_positions=None, narrow_valid=None, narrow_mask=None, deterministic=True,
-                 output_hidden_states=False, output_attentions=False) -> TokenClassifierOutput:
-        if (labels is not None and narrow_positions is None and narrow_mask is None and self.config.is_narrow
-                and labels.shape == jnp.shape(input_ids)):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        labels=None,
+        narrow_positions=None,
+        narrow_valid=None,
+        narrow_mask=None,
+        deterministic=True,
+        output_hidden_states=False,
+        output_attentions=False,
+    ) -> TokenClassifierOutput:
+        if (
+            labels is not None
+            and narrow_positions is None
+            and narrow_mask is None
+            and self.config.is_narrow
+            and labels.shape == jnp.shape(input_ids)
+        ):
             narrow_mask = jax.device_get(labels) != IGNORE_INDEX
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, narrow_positions=narrow_positions,
-                        narrow_valid=narrow_valid, narrow_mask=narrow_mask, deterministic=deterministic,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            narrow_positions=narrow_positions,
+            narrow_valid=narrow_valid,
+            narrow_mask=narrow_mask,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         logits = self.classifier(self.dropout(out.last_hidden_state, deterministic=deterministic))
         loss = None
         if labels is not None:
             loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
-        return TokenClassifierOutput(logits, loss, out.hidden_states, out.attentions, out.narrow_positions,
-                                     out.narrow_valid)
+        return TokenClassifierOutput(
+            logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid
+        )
 
 
 class BertForQuestionAnswering(PreTrainedEncoder):
@@ -228,13 +328,30 @@ class BertForQuestionAnswering(PreTrainedEncoder):
         self.bert = _task_base(config, False, rngs)
         self.qa_outputs = dense(config, config.hidden_size, 2, ("embed", "labels"), rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 start_positions=None, end_positions=None, deterministic=True, output_hidden_states=False,
-                 output_attentions=False) -> QuestionAnsweringModelOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        start_positions=None,
+        end_positions=None,
+        deterministic=True,
+        output_hidden_states=False,
+        output_attentions=False,
+    ) -> QuestionAnsweringModelOutput:
         if self.config.is_narrow:
             raise ValueError("question answering needs every token's output; NarrowBERT models do not support it")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic=deterministic,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        out = self.bert(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
         logits = self.qa_outputs(out.last_hidden_state)
         start, end = logits[..., 0], logits[..., 1]
         loss = None
@@ -259,6 +376,12 @@ BortForQuestionAnswering = BertForQuestionAnswering
 
 MODEL_CLASSES = {
     cls.hf_architecture: cls
-    for cls in (BertModel, BertForMaskedLM, BertForSequenceClassification, BertForMultipleChoice,
-                BertForTokenClassification, BertForQuestionAnswering)
+    for cls in (
+        BertModel,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        BertForMultipleChoice,
+        BertForTokenClassification,
+        BertForQuestionAnswering,
+    )
 }

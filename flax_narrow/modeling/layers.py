@@ -26,16 +26,27 @@ def _init(config: EncoderConfig) -> Any:
 def dense(config: EncoderConfig, n_in: int, n_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
     """A Linear layer with BERT's init, the config's dtypes, and logical axis names ``axes`` on its kernel."""
     return nnx.Linear(
-        n_in, n_out, dtype=config.compute_dtype, param_dtype=config.params_dtype, kernel_init=_init(config),
-        kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": (axes[1],)}, rngs=rngs,
+        n_in,
+        n_out,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        kernel_init=_init(config),
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": (axes[1],)},
+        rngs=rngs,
     )
 
 
 def layer_norm(config: EncoderConfig, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Statistics are computed in fp32 whatever the compute dtype (flax promotes them).
     return nnx.LayerNorm(
-        config.hidden_size, epsilon=eps, dtype=config.compute_dtype, param_dtype=config.params_dtype,
-        scale_metadata={"logical_axes": ("norm",)}, bias_metadata={"logical_axes": ("norm",)}, rngs=rngs,
+        config.hidden_size,
+        epsilon=eps,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        scale_metadata={"logical_axes": ("norm",)},
+        bias_metadata={"logical_axes": ("norm",)},
+        rngs=rngs,
     )
 
 
@@ -57,12 +68,21 @@ class BertEmbeddings(nnx.Module):
         h = config.hidden_size
 
         def embed(n: int, axes: tuple[str, str]) -> nnx.Embed:
-            return nnx.Embed(n, h, dtype=config.compute_dtype, param_dtype=config.params_dtype,
-                             embedding_init=_init(config), embedding_metadata={"logical_axes": axes}, rngs=rngs)
+            return nnx.Embed(
+                n,
+                h,
+                dtype=config.compute_dtype,
+                param_dtype=config.params_dtype,
+                embedding_init=_init(config),
+                embedding_metadata={"logical_axes": axes},
+                rngs=rngs,
+            )
 
         self.word_embeddings = embed(config.vocab_size, ("vocab", "embed"))
         self.position_embeddings = embed(config.max_position_embeddings, ("position", "embed"))
-        self.token_type_embeddings = embed(config.type_vocab_size, ("type", "embed")) if config.type_vocab_size else None
+        self.token_type_embeddings = (
+            embed(config.type_vocab_size, ("type", "embed")) if config.type_vocab_size else None
+        )
         self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
@@ -75,8 +95,14 @@ class BertEmbeddings(nnx.Module):
         rank = jnp.cumsum(not_pad, axis=1, dtype=jnp.int32) - 1
         return jnp.where(not_pad, rank + cfg.position_offset, cfg.pad_token_id)
 
-    def __call__(self, input_ids_bl: jax.Array, token_type_ids_bl: jax.Array | None = None,
-                 position_ids_bl: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        input_ids_bl: jax.Array,
+        token_type_ids_bl: jax.Array | None = None,
+        position_ids_bl: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
         """int32[B, L] ids -> (B, L, H) embeddings."""
         if position_ids_bl is None:
             position_ids_bl = self.position_ids(input_ids_bl)
@@ -107,8 +133,15 @@ class BertSelfAttention(nnx.Module):
         cfg = self.config
         return x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim))
 
-    def __call__(self, hidden_btd: jax.Array, key_mask_bs: jax.Array, kv_bsd: jax.Array | None = None, *,
-                 deterministic: bool = True, output_attentions: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(
+        self,
+        hidden_btd: jax.Array,
+        key_mask_bs: jax.Array,
+        kv_bsd: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
         """Returns (context (B, T, H), attention probabilities (B, N, T, S) or None)."""
         kv_bsd = hidden_btd if kv_bsd is None else kv_bsd
         q_btnd = self._split(self.query(hidden_btd))
@@ -119,8 +152,9 @@ class BertSelfAttention(nnx.Module):
         if output_attentions or use_dropout:
             ctx_btnd, probs = self._explicit(q_btnd, k_bsnd, v_bsnd, mask_b11s, deterministic)
         else:
-            ctx_btnd = jax.nn.dot_product_attention(q_btnd, k_bsnd, v_bsnd, mask=mask_b11s,
-                                                    implementation=self.config.attention_impl)
+            ctx_btnd = jax.nn.dot_product_attention(
+                q_btnd, k_bsnd, v_bsnd, mask=mask_b11s, implementation=self.config.attention_impl
+            )
             probs = None
         return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
 
@@ -150,8 +184,9 @@ class BertAttention(nnx.Module):
         self.output = BertSelfOutput(config, rngs=rngs)
 
     def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
-        ctx, probs = self.self(hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic,
-                               output_attentions=output_attentions)
+        ctx, probs = self.self(
+            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions
+        )
         return self.output(ctx, hidden_btd, deterministic=deterministic), probs
 
 
@@ -183,8 +218,9 @@ class BertLayer(nnx.Module):
         self.output = BertOutput(config, rngs=rngs)
 
     def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
-        x, probs = self.attention(hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic,
-                                  output_attentions=output_attentions)
+        x, probs = self.attention(
+            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions
+        )
         return self.output(self.intermediate(x), x, deterministic=deterministic), probs
 
 
@@ -209,9 +245,16 @@ class BertEncoder(nnx.Module):
         self.config = config
         self.layer = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
 
-    def __call__(self, hidden_bld: jax.Array, key_mask_bl: jax.Array, narrow_positions_bp: jax.Array | None = None,
-                 *, deterministic: bool = True, output_hidden_states: bool = False,
-                 output_attentions: bool = False) -> tuple[jax.Array, tuple | None, tuple | None]:
+    def __call__(
+        self,
+        hidden_bld: jax.Array,
+        key_mask_bl: jax.Array,
+        narrow_positions_bp: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[jax.Array, tuple | None, tuple | None]:
         """Returns (final hidden (B, L, H), or (B, P, H) when positions are given; hidden states; attentions).
 
         ``hidden_states`` holds the embeddings then each layer's output: full layers (B, L, H), narrow (B, P, H).
@@ -232,8 +275,9 @@ class BertEncoder(nnx.Module):
             context_bld = x
             x = gather_rows(context_bld, narrow_positions_bp)
             for layer in list(self.layer)[full:]:
-                x, probs = layer(x, key_mask_bl, context_bld, deterministic=deterministic,
-                                 output_attentions=output_attentions)
+                x, probs = layer(
+                    x, key_mask_bl, context_bld, deterministic=deterministic, output_attentions=output_attentions
+                )
                 if states is not None:
                     states.append(x)
                 if attns is not None:

@@ -26,7 +26,9 @@ def masked_cross_entropy(logits_nc: jax.Array, labels_n: jax.Array, weights_n: j
     return jnp.where(keep, per, 0.0).sum() / denom
 
 
-def classification_loss(logits_bc: jax.Array, labels: jax.Array, num_labels: int, problem_type: str | None) -> jax.Array:
+def classification_loss(
+    logits_bc: jax.Array, labels: jax.Array, num_labels: int, problem_type: str | None
+) -> jax.Array:
     """transformers' rule: regression for 1 label, single-label for int labels, multi-label otherwise."""
     if problem_type is None:
         if num_labels == 1:

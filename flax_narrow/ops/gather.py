@@ -42,7 +42,9 @@ def mask_to_positions(mask_bl: jax.Array, max_positions: int) -> tuple[jax.Array
     return positions_bp, valid_bp, count_b > max_positions
 
 
-def positions_from_mask(mask_bl: np.ndarray | jax.Array, max_positions: int | None = None) -> tuple[jax.Array, jax.Array]:
+def positions_from_mask(
+    mask_bl: np.ndarray | jax.Array, max_positions: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Host-side convenience: like :func:`mask_to_positions` but raises on overflow.
 
     ``max_positions=None`` uses the largest count in the batch (as the original NarrowBERT code pads).

@@ -27,8 +27,13 @@ def test_every_head_matches_transformers(tmp_path, padded_batch, name, field, ex
     ref = torch_run(tm, padded_batch)
     fm = getattr(fn, name).from_pretrained(d)
     out = fm(**padded_batch)
-    mask = padded_batch["attention_mask"] if getattr(out, field).ndim >= 2 and field != "logits" or \
-        name in ("BertForMaskedLM", "BertForTokenClassification") else None
+    mask = (
+        padded_batch["attention_mask"]
+        if getattr(out, field).ndim >= 2
+        and field != "logits"
+        or name in ("BertForMaskedLM", "BertForTokenClassification")
+        else None
+    )
     if name == "BertForSequenceClassification":
         mask = None
     assert max_diff(getattr(out, field), getattr(ref, field), mask) <= ATOL
@@ -51,11 +56,14 @@ def test_multiple_choice_matches_transformers(tmp_path, padded_batch):
     assert abs(float(out.loss) - float(ref.loss)) <= ATOL
 
 
-@pytest.mark.parametrize("name,labels_fn", [
-    ("BertForMaskedLM", lambda b: np.where(b["attention_mask"] == 1, b["input_ids"], -100)),
-    ("BertForTokenClassification", lambda b: np.where(b["attention_mask"] == 1, b["input_ids"] % 2, -100)),
-    ("BertForSequenceClassification", lambda b: np.array([1, 0])),
-])
+@pytest.mark.parametrize(
+    "name,labels_fn",
+    [
+        ("BertForMaskedLM", lambda b: np.where(b["attention_mask"] == 1, b["input_ids"], -100)),
+        ("BertForTokenClassification", lambda b: np.where(b["attention_mask"] == 1, b["input_ids"] % 2, -100)),
+        ("BertForSequenceClassification", lambda b: np.array([1, 0])),
+    ],
+)
 def test_losses_match_transformers(tmp_path, padded_batch, name, labels_fn):
     torch.manual_seed(2)
     tm = getattr(transformers, name)(tiny_hf_config())
@@ -66,10 +74,13 @@ def test_losses_match_transformers(tmp_path, padded_batch, name, labels_fn):
     assert abs(float(out.loss) - float(ref.loss)) <= ATOL
 
 
-@pytest.mark.parametrize("problem_type,labels", [
-    ("regression", np.array([0.5, -1.0], np.float32)),
-    ("multi_label_classification", np.array([[1, 0, 1], [0, 1, 1]], np.float32)),
-])
+@pytest.mark.parametrize(
+    "problem_type,labels",
+    [
+        ("regression", np.array([0.5, -1.0], np.float32)),
+        ("multi_label_classification", np.array([[1, 0, 1], [0, 1, 1]], np.float32)),
+    ],
+)
 def test_regression_and_multilabel_losses(tmp_path, padded_batch, problem_type, labels):
     torch.manual_seed(3)
     num_labels = 1 if problem_type == "regression" else 3
@@ -96,8 +107,11 @@ def test_hidden_states_and_attentions_match(tmp_path, padded_batch):
     d = save_torch_model(tm, tmp_path / "m")
     tm.eval()
     with torch.no_grad():
-        ref = tm(**{k: torch.from_numpy(v) for k, v in padded_batch.items()}, output_hidden_states=True,
-                 output_attentions=True)
+        ref = tm(
+            **{k: torch.from_numpy(v) for k, v in padded_batch.items()},
+            output_hidden_states=True,
+            output_attentions=True,
+        )
     out = fn.BertModel.from_pretrained(d)(**padded_batch, output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == len(ref.hidden_states) == 3
     for a, b in zip(out.hidden_states, ref.hidden_states):
@@ -110,9 +124,18 @@ def test_hidden_states_and_attentions_match(tmp_path, padded_batch):
 
 def test_roberta_positions_and_weights(tmp_path):
     torch.manual_seed(6)
-    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=66, type_vocab_size=1,
-                                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    cfg = transformers.RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     tm = transformers.RobertaModel(cfg)
     d = save_torch_model(tm, tmp_path / "rob")
     ids = np.array([[0, 15, 16, 17, 18, 2], [0, 30, 31, 2, 1, 1]], np.int64)
@@ -127,9 +150,16 @@ def test_roberta_positions_and_weights(tmp_path):
 
 def test_roberta_mlm_head_loads_into_bert_mlm(tmp_path):
     torch.manual_seed(7)
-    cfg = transformers.RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=66, type_vocab_size=1,
-                                     pad_token_id=1)
+    cfg = transformers.RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+    )
     tm = transformers.RobertaForMaskedLM(cfg)
     d = save_torch_model(tm, tmp_path / "rob")
     ids = np.array([[0, 15, 16, 17, 18, 2], [0, 30, 31, 2, 1, 1]], np.int64)
