@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# 8 fake CPU devices for the sharding tests; single-device code runs on device 0 as before. Must be set
+# before JAX initialises its backends, which is why it lives here.
+jax.config.update("jax_num_cpu_devices", 8)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 TINY_HF = dict(
