@@ -22,6 +22,11 @@ from flax_narrow.modeling import (
     BortForSequenceClassification,
     BortForTokenClassification,
     BortModel,
+    NarrowBertForMaskedLM,
+    NarrowBertForMultipleChoice,
+    NarrowBertForSequenceClassification,
+    NarrowBertForTokenClassification,
+    NarrowBertModel,
 )
 from flax_narrow.ops import gather_rows, mask_to_positions, positions_from_mask, scatter_rows
 from flax_narrow.tokenization import load_tokenizer
@@ -52,4 +57,9 @@ __all__ = [
     "positions_from_mask",
     "scatter_rows",
     "load_tokenizer",
+    "NarrowBertModel",
+    "NarrowBertForMaskedLM",
+    "NarrowBertForSequenceClassification",
+    "NarrowBertForMultipleChoice",
+    "NarrowBertForTokenClassification",
 ]

@@ -16,12 +16,32 @@ from flax_narrow.modeling.bert import (
     BortForTokenClassification,
     BortModel,
 )
+from flax_narrow.modeling.narrow import (
+    NarrowBertForMaskedLM,
+    NarrowBertForMultipleChoice,
+    NarrowBertForSequenceClassification,
+    NarrowBertForTokenClassification,
+    NarrowBertModel,
+)
 from flax_narrow.modeling.outputs import (
     EncoderOutput,
     MaskedLMOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
+)
+
+MODEL_CLASSES.update(
+    {
+        c.hf_architecture: c
+        for c in (
+            NarrowBertModel,
+            NarrowBertForMaskedLM,
+            NarrowBertForSequenceClassification,
+            NarrowBertForMultipleChoice,
+            NarrowBertForTokenClassification,
+        )
+    }
 )
 
 __all__ = [
@@ -39,6 +59,11 @@ __all__ = [
     "BortForMultipleChoice",
     "BortForTokenClassification",
     "BortForQuestionAnswering",
+    "NarrowBertModel",
+    "NarrowBertForMaskedLM",
+    "NarrowBertForSequenceClassification",
+    "NarrowBertForMultipleChoice",
+    "NarrowBertForTokenClassification",
     "EncoderOutput",
     "MaskedLMOutput",
     "SequenceClassifierOutput",
