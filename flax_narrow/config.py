@@ -29,6 +29,7 @@ from flax_narrow.errors import ConfigError
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 MODEL_TYPES = ("bert", "roberta", "narrow_bert")
+NARROW_ATTENTION = ("auto", "standard", "absorbed")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
@@ -64,6 +65,10 @@ class EncoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "xla"
+    # NarrowBERT narrow attention: "auto" picks the absorbed form when P·heads < hidden (exact either way).
+    narrow_attention: str = "auto"
+    # Project K/V of the frozen context for all narrow layers in one matmul (standard form only).
+    fuse_narrow_kv: bool = True
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -87,6 +92,10 @@ class EncoderConfig:
         )
         need(self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}")
         need(self.attention_impl in ATTENTION_IMPLS, f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+        need(
+            self.narrow_attention in NARROW_ATTENTION,
+            f"narrow_attention {self.narrow_attention!r} not in {NARROW_ATTENTION}",
+        )
         need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         need(self.problem_type in PROBLEM_TYPES, f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):

@@ -118,7 +118,13 @@ class BertEmbeddings(nnx.Module):
 class BertSelfAttention(nnx.Module):
     """Multi-head attention. Queries come from ``hidden_btd``; keys/values from ``kv_bsd`` (default: the same).
 
-    With ``kv_bsd`` distinct this is NarrowBERT's narrow attention: P selected rows attend over all S tokens.
+    With ``kv_bsd`` distinct this is NarrowBERT's narrow attention: T selected rows attend over all S tokens.
+    Two exact forms of it (chosen statically by the encoder):
+
+    * standard: K = C·Wk + bk and V = C·Wv + bv over all S tokens (optionally precomputed: ``kv_proj``);
+    * absorbed: per head h, scores = (q_h·Wk_hᵀ)·Cᵀ — the key bias adds the same q_h·bk_h to every score of a
+      row, so it drops out of the softmax — and output = (A_h·C)·Wv_h + (Σ_s A_h)·bv_h. It never projects the
+      S tokens, so it is cheaper when T·N < H (sentence tasks, small P).
     """
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
@@ -139,15 +145,27 @@ class BertSelfAttention(nnx.Module):
         key_mask_bs: jax.Array,
         kv_bsd: jax.Array | None = None,
         *,
+        kv_proj: tuple[jax.Array, jax.Array] | None = None,
+        absorbed: bool = False,
         deterministic: bool = True,
         output_attentions: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Returns (context (B, T, H), attention probabilities (B, N, T, S) or None)."""
+        """Returns (context (B, T, H), attention probabilities (B, N, T, S) or None).
+
+        Args:
+          hidden_btd: (B, T, H) query rows. key_mask_bs: bool (B, S), True for real tokens.
+          kv_bsd: (B, S, H) key/value source (NarrowBERT's frozen C); None for self-attention.
+          kv_proj: precomputed (K, V), each (B, S, H) — the encoder's fused projection for narrow layers.
+          absorbed: use the absorbed form (needs ``kv_bsd``; exact, see the class docstring).
+        """
         kv_bsd = hidden_btd if kv_bsd is None else kv_bsd
         q_btnd = self._split(self.query(hidden_btd))
-        k_bsnd = self._split(self.key(kv_bsd))
-        v_bsnd = self._split(self.value(kv_bsd))
         mask_b11s = key_mask_bs[:, None, None, :]
+        if absorbed:
+            ctx_btnd, probs = self._absorbed(q_btnd, kv_bsd, mask_b11s, deterministic)
+            return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
+        k_bsd, v_bsd = kv_proj if kv_proj is not None else (self.key(kv_bsd), self.value(kv_bsd))
+        k_bsnd, v_bsnd = self._split(k_bsd), self._split(v_bsd)
         use_dropout = not deterministic and self.config.attention_probs_dropout_prob > 0
         if output_attentions or use_dropout:
             ctx_btnd, probs = self._explicit(q_btnd, k_bsnd, v_bsnd, mask_b11s, deterministic)
@@ -158,14 +176,33 @@ class BertSelfAttention(nnx.Module):
             probs = None
         return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
 
+    def _softmax(self, scores_bnts, mask_b11s, deterministic):
+        scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores_bnts, axis=-1)
+        return probs, self.dropout(probs, deterministic=deterministic)
+
     def _explicit(self, q_btnd, k_bsnd, v_bsnd, mask_b11s, deterministic):
         """Softmax attention written out (fp32 scores), for attention dropout and returned probabilities."""
         scale = 1.0 / jnp.sqrt(jnp.float32(self.config.head_dim))
         scores = jnp.einsum("BTND,BSND->BNTS", q_btnd, k_bsnd, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask_b11s, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        dropped = self.dropout(probs, deterministic=deterministic).astype(v_bsnd.dtype)
-        return jnp.einsum("BNTS,BSND->BTND", dropped, v_bsnd), probs
+        probs, dropped = self._softmax(scores, mask_b11s, deterministic)
+        return jnp.einsum("BNTS,BSND->BTND", dropped.astype(v_bsnd.dtype), v_bsnd), probs
+
+    def _absorbed(self, q_btnd, c_bsh, mask_b11s, deterministic):
+        cfg = self.config
+        dt = q_btnd.dtype
+        wk_hnd = self.key.kernel[...].astype(dt).reshape(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
+        wv_hnd = self.value.kernel[...].astype(dt).reshape(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
+        bv_nd = self.value.bias[...].astype(dt).reshape(cfg.num_attention_heads, cfg.head_dim)
+        c_bsh = c_bsh.astype(dt)
+        scale = 1.0 / jnp.sqrt(jnp.float32(cfg.head_dim))
+        qk_btnh = jnp.einsum("BTND,HND->BTNH", q_btnd, wk_hnd)
+        scores = jnp.einsum("BTNH,BSH->BNTS", qk_btnh, c_bsh, preferred_element_type=jnp.float32) * scale
+        probs, dropped = self._softmax(scores, mask_b11s, deterministic)
+        pc_btnh = jnp.einsum("BNTS,BSH->BTNH", dropped.astype(dt), c_bsh)
+        weight_btn = dropped.sum(-1).transpose(0, 2, 1).astype(dt)  # 1 without dropout
+        ctx = jnp.einsum("BTNH,HND->BTND", pc_btnh, wv_hnd) + weight_btn[..., None] * bv_nd
+        return ctx, probs
 
 
 class BertSelfOutput(nnx.Module):
@@ -183,9 +220,9 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, rngs=rngs)
         self.output = BertSelfOutput(config, rngs=rngs)
 
-    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
+    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False, **kw):
         ctx, probs = self.self(
-            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions
+            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions, **kw
         )
         return self.output(ctx, hidden_btd, deterministic=deterministic), probs
 
@@ -217,9 +254,10 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, rngs=rngs)
         self.output = BertOutput(config, rngs=rngs)
 
-    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False):
+    def __call__(self, hidden_btd, key_mask_bs, kv_bsd=None, *, deterministic=True, output_attentions=False, **kw):
+        """``kw``: ``kv_proj`` / ``absorbed`` for narrow layers (see :class:`BertSelfAttention`)."""
         x, probs = self.attention(
-            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions
+            hidden_btd, key_mask_bs, kv_bsd, deterministic=deterministic, output_attentions=output_attentions, **kw
         )
         return self.output(self.intermediate(x), x, deterministic=deterministic), probs
 
@@ -274,9 +312,20 @@ class BertEncoder(nnx.Module):
         if narrow_positions_bp is not None:
             context_bld = x
             x = gather_rows(context_bld, narrow_positions_bp)
-            for layer in list(self.layer)[full:]:
+            narrow_layers = list(self.layer)[full:]
+            absorbed = use_absorbed_attention(self.config, narrow_positions_bp.shape[1])
+            kv = [None] * len(narrow_layers)
+            if not absorbed and self.config.fuse_narrow_kv and len(narrow_layers) > 1:
+                kv = fused_kv_projection(narrow_layers, context_bld)
+            for layer, kv_proj in zip(narrow_layers, kv):
                 x, probs = layer(
-                    x, key_mask_bl, context_bld, deterministic=deterministic, output_attentions=output_attentions
+                    x,
+                    key_mask_bl,
+                    context_bld,
+                    kv_proj=kv_proj,
+                    absorbed=absorbed,
+                    deterministic=deterministic,
+                    output_attentions=output_attentions,
                 )
                 if states is not None:
                     states.append(x)
@@ -288,3 +337,31 @@ class BertEncoder(nnx.Module):
                 "narrow positions: pass narrow_positions/narrow_valid (or narrow_mask outside jit)"
             )
         return x, (tuple(states) if states is not None else None), (tuple(attns) if attns is not None else None)
+
+
+def use_absorbed_attention(config: EncoderConfig, num_rows: int) -> bool:
+    """The static choice of narrow-attention form for P = ``num_rows`` selected rows.
+
+    Per narrow layer, standard costs ~4·B·L·H² (projecting K and V of all L tokens) + 4·B·P·L·H, absorbed
+    ~4·B·P·H² + 4·B·P·N·L·H: absorbed wins when P·N < H.
+    """
+    mode = config.narrow_attention
+    if mode == "auto":
+        return num_rows * config.num_attention_heads < config.hidden_size
+    return mode == "absorbed"
+
+
+def fused_kv_projection(layers: list[BertLayer], context_bld: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """K and V of every narrow layer from one matmul over the shared frozen context C.
+
+    Returns one (K (B, L, H), V (B, L, H)) pair per layer, equal to ``(layer.key(C), layer.value(C))``.
+    """
+    selfs = [layer.attention.self for layer in layers]
+    dt = selfs[0].query.dtype or context_bld.dtype
+    kernels = [k for a in selfs for k in (a.key.kernel[...], a.value.kernel[...])]
+    biases = [b for a in selfs for b in (a.key.bias[...], a.value.bias[...])]
+    w_hk = jnp.concatenate(kernels, axis=1).astype(dt)
+    b_k = jnp.concatenate(biases).astype(dt)
+    kv_blk = jnp.einsum("BLH,HK->BLK", context_bld.astype(dt), w_hk) + b_k
+    parts = jnp.split(kv_blk, 2 * len(selfs), axis=-1)
+    return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(selfs))]

@@ -211,3 +211,32 @@ def test_one_compilation_across_different_narrow_masks():
         params, opt_state, loss = step(params, opt_state, ids, pos, valid, labels)
         assert np.isfinite(float(loss))
     assert traces == {"forward": 1, "step": 1}
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_absorbed_and_fused_forms_equal_the_standard_form(batch, deterministic):
+    inputs, labels = batch
+    pos, valid = fn.positions_from_mask(labels != -100, max_positions=4)
+    outs = {}
+    for form, fuse in [("standard", False), ("standard", True), ("absorbed", False)]:
+        cfg = fn.EncoderConfig.tiny_narrowbert(narrow_attention=form, fuse_narrow_kv=fuse)
+        model = fn.NarrowBertForMaskedLM.from_config(cfg, seed=8)  # same seed: same weights, same dropout masks
+        out = model(
+            **inputs, narrow_positions=pos, narrow_valid=valid, deterministic=deterministic, output_attentions=True
+        )
+        outs[(form, fuse)] = out
+    ref = outs[("standard", False)]
+    for key, out in outs.items():
+        np.testing.assert_allclose(out.logits, ref.logits, atol=2e-5, err_msg=str(key))
+        for a, b in zip(out.attentions, ref.attentions):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_auto_form_choice_follows_the_flop_rule():
+    from flax_narrow.modeling.layers import use_absorbed_attention
+
+    base = fn.EncoderConfig.narrowbert_base()  # H = 768, N = 12
+    assert use_absorbed_attention(base, 1) and use_absorbed_attention(base, 20)  # CLS path, MLM at L = 128
+    assert not use_absorbed_attention(base, 80)  # MLM at L = 512: 80·12 > 768
+    assert use_absorbed_attention(base.replace(narrow_attention="absorbed"), 80)
+    assert not use_absorbed_attention(base.replace(narrow_attention="standard"), 1)
