@@ -1,0 +1,26 @@
+"""Every ```python block in docs/*.md runs as written (offline). A block preceded by the line
+``<!-- no-run: reason -->`` is skipped (e.g. one that needs the hub), with the reason shown."""
+
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"(<!-- no-run: (?P<why>[^>]*) -->\s*\n)?```python\n(?P<code>.*?)```", re.S)
+
+
+def _blocks():
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        text = open(path, encoding="utf-8").read()
+        for i, m in enumerate(BLOCK.finditer(text)):
+            yield pytest.param(m.group("code"), m.group("why"), id=f"{os.path.basename(path)}#{i}")
+
+
+@pytest.mark.parametrize("code,why", list(_blocks()))
+def test_doc_block_runs(code, why, tmp_path, monkeypatch):
+    if why:
+        pytest.skip(why)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc__"})
