@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -41,6 +42,10 @@ class TensorSource:
 
     def get(self, key: str) -> np.ndarray:
         raise NotImplementedError
+
+    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor (along axis 0), reading no more of the file than needed where possible."""
+        return self.get(key)[start:stop]
 
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
@@ -108,6 +113,11 @@ class SafetensorsSource(TensorSource):
             return np.asarray(self._flax_handles[file].get_tensor(key))
         return self._np_handles[file].get_tensor(key)
 
+    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        if self.dtype(key) == "bf16":
+            return self.get(key)[start:stop]
+        return self._slice(key)[start:stop]
+
 
 class TorchPickleSource(TensorSource):
     """``pytorch_model.bin`` files, opened with ``weights_only=True`` (and memory-mapped where possible)."""
@@ -126,14 +136,24 @@ class TorchPickleSource(TensorSource):
             if not os.path.exists(file):
                 raise CheckpointError(f"{file}: file not found (listed in the index but missing)")
             try:
-                try:
-                    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:
-                    if "mmap" not in str(e):  # old non-zip format cannot be mmapped; retry without
-                        raise
-                    sd = torch.load(file, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's notes on pickle protocols: noise on a CLI's stderr
+                    warnings.simplefilter("ignore", UserWarning)
+                    try:
+                        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError as e:
+                        if "mmap" not in str(e):  # old non-zip format cannot be mmapped; retry without
+                            raise
+                        sd = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as e:
                 msg = str(e).strip().splitlines()
+                if "Weights only load failed" not in str(e) and (
+                    "zip archive" in str(e) or "corrupt" in str(e) or isinstance(e, (EOFError, OSError))
+                ):
+                    first = (msg[0] if msg else type(e).__name__).split(". ")[0]
+                    raise CheckpointError(
+                        f"{file}: cannot read: corrupt or truncated PyTorch checkpoint ({first}); re-download or "
+                        "re-export it"
+                    ) from None
                 reason = next((m for m in msg if "Unsupported" in m or "global" in m.lower()), msg[0] if msg else "")
                 raise CheckpointError(
                     f"{file}: refused to load ({type(e).__name__}: {reason.strip()[:300]}); only plain tensor "

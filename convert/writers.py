@@ -4,11 +4,12 @@ place only when complete, so an interrupted or failed write never leaves a half-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,9 @@ def atomic_directory(destination: str | os.PathLike, *, overwrite: bool = False)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
     except OSError as e:
         raise CheckpointError(f"{parent}: cannot write there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets the usual permissions
     try:
         yield tmp
         if os.path.exists(dest):
@@ -87,3 +91,79 @@ def write_flax_checkpoint(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, os.path.join(tmp, name))
     return os.path.abspath(os.fspath(destination))
+
+
+# numpy dtype name -> safetensors dtype tag
+SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a streamed safetensors file: its name, dtype, shape and a function producing it.
+
+    ``produce()`` returns the array, or an iterator of consecutive row blocks (along axis 0) that make it up, so
+    that a large tensor need never be held whole in its output dtype.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray | Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors_stream(path: str, specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file one tensor at a time: memory stays near the largest single tensor.
+
+    The header is computed from the specs (no tensor is read for it); then each ``produce()`` is called in turn,
+    checked against its spec and written. Returns the number of bytes written.
+
+    Raises:
+      CheckpointError: a produced array does not match its spec (a bug in the caller's plan), or a duplicate name.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: duplicate tensor names {sorted({n for n in names if names.count(n) > 1})}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for spec in specs:
+        tag = SAFETENSORS_DTYPES.get(np.dtype(spec.dtype).name)
+        if tag is None:
+            raise CheckpointError(f"{spec.name}: dtype {np.dtype(spec.dtype).name} cannot be stored in safetensors")
+        header[spec.name] = {"dtype": tag, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # pad the header to 8 bytes, as safetensors does
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for spec in specs:
+            out = spec.produce()
+            rows = 0
+            for block in [out] if isinstance(out, np.ndarray) else out:
+                block = np.ascontiguousarray(block)
+                if block.dtype != np.dtype(spec.dtype) or tuple(block.shape[1:]) != tuple(spec.shape[1:]):
+                    raise CheckpointError(
+                        f"{spec.name}: produced {block.dtype.name}{tuple(block.shape)}, planned "
+                        f"{np.dtype(spec.dtype).name}{tuple(spec.shape)}"
+                    )
+                fh.write(block.reshape(-1).view(np.uint8))
+                rows += block.shape[0] if block.ndim else 1
+                del block
+            if rows != (spec.shape[0] if spec.shape else 1):
+                raise CheckpointError(f"{spec.name}: produced {rows} rows, planned {tuple(spec.shape)}")
+    return 8 + len(blob) + offset
