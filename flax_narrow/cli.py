@@ -14,7 +14,7 @@ import sys
 
 from flax_narrow.errors import FlaxNarrowError
 
-COMMAND_MODULES = ("flax_narrow.demo",)
+COMMAND_MODULES = ("flax_narrow.demo", "flax_narrow.convert.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,235 @@
+"""Open any supported checkpoint as one lazy tensor source plus its config, detecting the format from content.
+
+Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json with a ``flax_narrow`` block); HF
+BERT/RoBERTa/BORT/NarrowBERT directories or single files (``model.safetensors``, sharded safetensors,
+``pytorch_model.bin``, sharded .bin); the original GluonNLP ``bort.params`` (a file, or a directory holding one).
+Single files are recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from flax_narrow.config import EncoderConfig
+from flax_narrow.convert import gluonnlp, readers
+from flax_narrow.errors import CheckpointError, ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+ZIP_MAGIC = b"PK\x03\x04"
+
+_SAFETENSORS_NAMES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "bool": "bool"}
+
+
+def dtype_name(name: str) -> str:
+    """numpy-style dtype names for every reader's spelling (safetensors says 'f16', 'i64', ...)."""
+    name = str(name).lower()
+    if name in _SAFETENSORS_NAMES:
+        return _SAFETENSORS_NAMES[name]
+    if name[:1] in "iu" and name[1:].isdigit():
+        return ("int" if name[0] == "i" else "uint") + name[1:]
+    return name
+
+
+@dataclasses.dataclass
+class OpenedSource:
+    """A checkpoint ready to convert: lazy tensors (HF names, or flax paths for flax-narrow) and a config."""
+
+    path: str  # the local file or directory
+    kind: str  # 'flax-narrow' | 'safetensors' | 'pytorch' | 'gluonnlp'
+    files: list[str]
+    source: readers.TensorSource
+    config: EncoderConfig | None
+    config_origin: str  # where the config came from
+    architecture: str | None  # from config.json, if any
+    raw_config: dict[str, Any] | None
+
+    @property
+    def key_format(self) -> str:
+        """'flax' (keys are flax parameter paths) or 'hf' (PyTorch state-dict names)."""
+        return "flax" if self.kind == "flax-narrow" else "hf"
+
+    @property
+    def directory(self) -> str:
+        return self.path if os.path.isdir(self.path) else os.path.dirname(os.path.abspath(self.path))
+
+    @property
+    def layout(self) -> str:
+        """A human description: 'HF BERT (pytorch_model.bin, float16)', "NarrowBERT, authors' layout", ..."""
+        keys = self.source.keys()
+        raw = self.raw_config or {}
+        if self.kind == "flax-narrow":
+            return "flax-narrow checkpoint"
+        if self.kind == "gluonnlp":
+            return "GluonNLP/MXNet .params (original BORT layout)"
+        if any(k.startswith("narrow_bert.") for k in keys) or raw.get("model_type") == "narrow_bert":
+            family = "NarrowBERT, port layout (narrow_bert.*)"
+        elif any(".encoder_narrow." in f".{k}" for k in keys) or "full_length_layers" in raw:
+            family = "NarrowBERT, authors' layout (encoder_narrow.*)"
+        elif any(k.startswith("roberta.") for k in keys) or raw.get("model_type") in ("roberta", "xlm-roberta"):
+            family = "HF RoBERTa"
+        elif self.config is not None and _is_bort_shaped(self.config):
+            family = "HF BERT, BORT-shaped"
+        else:
+            family = "HF BERT"
+        what = {"safetensors": "safetensors", "pytorch": "PyTorch pickle (.bin)"}[self.kind]
+        if len(self.files) > 1:
+            what += f", {len(self.files)} shards"
+        return f"{family}; {what}"
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """Tokenizer files beside the weights (name -> path), to copy along."""
+        d = self.directory
+        return {n: os.path.join(d, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))}
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _is_bort_shaped(cfg: EncoderConfig) -> bool:
+    bort = EncoderConfig.bort()
+    return (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size) == (
+        bort.hidden_size,
+        bort.num_hidden_layers,
+        bort.intermediate_size,
+        bort.vocab_size,
+    )
+
+
+def load_config_arg(config: EncoderConfig | str | os.PathLike | dict | None) -> EncoderConfig | None:
+    """A ``--config`` value: an EncoderConfig, or a JSON file (HF config.json, or a flax-narrow one)."""
+    if config is None or isinstance(config, EncoderConfig):
+        return config
+    raw = config if isinstance(config, dict) else _read_json(os.fspath(config))
+    if "flax_narrow" in raw:
+        return EncoderConfig.from_dict(raw["flax_narrow"]["config"])
+    names = {f.name for f in dataclasses.fields(EncoderConfig)}
+    if "model_type" not in raw and set(raw) <= names:  # an EncoderConfig.to_dict() dump
+        return EncoderConfig.from_dict(raw)
+    return EncoderConfig.from_hf_config(raw)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def sniff_file(path: str) -> str:
+    """'safetensors', 'pytorch' or 'gluonnlp' from a weights file's first bytes.
+
+    Raises:
+      CheckpointError: an empty or unrecognised file.
+    """
+    if path.endswith(".params"):
+        return "gluonnlp"  # the reader checks the magic numbers and says what is wrong
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: empty or truncated ({len(head)} bytes); re-download it")
+    if int.from_bytes(head[:8], "little") == gluonnlp.LIST_MAGIC:
+        return "gluonnlp"
+    if head[:4] == ZIP_MAGIC or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return "pytorch"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    if path.endswith(".safetensors"):
+        return "safetensors"  # let the reader say why it is invalid
+    raise CheckpointError(
+        f"{path}: unrecognised weights file (starts with {head[:8].hex()}); expected safetensors, a PyTorch .bin "
+        "or an MXNet .params file"
+    )
+
+
+def open_source(
+    path: str,
+    *,
+    config: EncoderConfig | str | os.PathLike | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> OpenedSource:
+    """Open a checkpoint (directory, weights file, or hub id) lazily and find its config.
+
+    Args:
+      path: local directory or file, or a hub id (downloaded when online).
+      config: overrides the checkpoint's config.json (an EncoderConfig or a JSON path). Needed for a bare
+        weights file without config.json beside it; optional for GluonNLP (inferred from the shapes).
+
+    Raises:
+      CheckpointError: unreadable, unrecognised, corrupt or refused files.
+      ConfigError: an invalid config.
+    """
+    from flax_narrow.pretrained import read_checkpoint_config, resolve_path
+
+    local = resolve_path(path, revision=revision, cache_dir=cache_dir)
+    given = load_config_arg(config)
+    if os.path.isdir(local):
+        params = sorted(f for f in os.listdir(local) if f.endswith(".params"))
+        try:
+            kind, files = readers.find_weight_files(local)
+        except CheckpointError:
+            if len(params) != 1:
+                raise
+            kind, files = "gluonnlp", [os.path.join(local, params[0])]
+        config_dir = local
+    elif os.path.isfile(local):
+        kind, files = sniff_file(local), [local]
+        if kind == "safetensors" and os.path.basename(local) == readers.FLAX_WEIGHTS:
+            kind = "flax-narrow"
+        config_dir = os.path.dirname(os.path.abspath(local))
+    else:
+        raise CheckpointError(f"{local}: no such file or directory")
+    if kind == "flax":
+        kind = "flax-narrow"
+
+    if kind == "gluonnlp":
+        source: readers.TensorSource = gluonnlp.open_gluon_params(files[0])
+    elif kind == "pytorch":
+        source = readers.TorchPickleSource(files)
+    else:
+        source = readers.SafetensorsSource(files)
+
+    cfg, origin, arch, raw = given, "--config", None, None
+    has_config = os.path.isfile(os.path.join(config_dir, "config.json"))
+    if has_config and kind != "gluonnlp":
+        try:
+            file_cfg, arch, raw = read_checkpoint_config(config_dir)
+        except Exception:
+            source.close()
+            raise
+        if kind == "flax-narrow" and "flax_narrow" not in raw:
+            source.close()
+            raise CheckpointError(
+                f"{config_dir}/config.json: has no flax_narrow block, but the weights are {readers.FLAX_WEIGHTS}; "
+                "the checkpoint directory is inconsistent"
+            )
+        if cfg is None:
+            cfg, origin = file_cfg, "config.json"
+    if cfg is None and kind == "gluonnlp":
+        shapes = {k: source.shape(k) for k in source.keys()}
+        cfg, origin = gluonnlp.infer_config(shapes, files[0]), "inferred from the weights' shapes (BORT defaults)"
+    if cfg is None:
+        source.close()
+        raise CheckpointError(
+            f"{local}: no config.json beside the weights; pass --config path/to/config.json (or config=...)"
+        )
+    return OpenedSource(local, kind, files, source, cfg, origin, arch, raw)
