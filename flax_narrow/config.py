@@ -30,6 +30,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 MODEL_TYPES = ("bert", "roberta", "narrow_bert")
 NARROW_ATTENTION = ("auto", "standard", "absorbed")
+REMAT = ("none", "full", "dots", "dots_no_batch")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
@@ -69,6 +70,10 @@ class EncoderConfig:
     narrow_attention: str = "auto"
     # Project K/V of the frozen context for all narrow layers in one matmul (standard form only).
     fuse_narrow_kv: bool = True
+    # Run the layers of each segment as one lax.scan (compile time on deep models) and rematerialise each
+    # layer in the backward pass: "none", "full" (save nothing), "dots", "dots_no_batch".
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -96,6 +101,7 @@ class EncoderConfig:
             self.narrow_attention in NARROW_ATTENTION,
             f"narrow_attention {self.narrow_attention!r} not in {NARROW_ATTENTION}",
         )
+        need(self.remat_policy in REMAT, f"remat_policy {self.remat_policy!r} not in {REMAT}")
         need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         need(self.problem_type in PROBLEM_TYPES, f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):

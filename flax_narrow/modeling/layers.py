@@ -297,46 +297,107 @@ class BertEncoder(nnx.Module):
 
         ``hidden_states`` holds the embeddings then each layer's output: full layers (B, L, H), narrow (B, P, H).
         """
-        states = [hidden_bld] if output_hidden_states else None
-        attns = [] if output_attentions else None
-        x = hidden_bld
-        full = self.config.num_full_layers
-        for i, layer in enumerate(self.layer):
-            if i == full:
-                break
-            x, probs = layer(x, key_mask_bl, deterministic=deterministic, output_attentions=output_attentions)
-            if states is not None:
-                states.append(x)
-            if attns is not None:
-                attns.append(probs)
+        cfg = self.config
+        full = cfg.num_full_layers
+        layers = list(self.layer)
+        kw = dict(deterministic=deterministic, output_attentions=output_attentions, collect=output_hidden_states)
+        x, states, attns = self._segment(layers[:full], hidden_bld, key_mask_bl, **kw)
         if narrow_positions_bp is not None:
             context_bld = x
-            x = gather_rows(context_bld, narrow_positions_bp)
-            narrow_layers = list(self.layer)[full:]
-            absorbed = use_absorbed_attention(self.config, narrow_positions_bp.shape[1])
-            kv = [None] * len(narrow_layers)
-            if not absorbed and self.config.fuse_narrow_kv and len(narrow_layers) > 1:
+            narrow_layers = layers[full:]
+            absorbed = use_absorbed_attention(cfg, narrow_positions_bp.shape[1])
+            kv = None
+            if narrow_layers and not absorbed and cfg.fuse_narrow_kv and len(narrow_layers) > 1:
                 kv = fused_kv_projection(narrow_layers, context_bld)
-            for layer, kv_proj in zip(narrow_layers, kv):
-                x, probs = layer(
-                    x,
-                    key_mask_bl,
-                    context_bld,
-                    kv_proj=kv_proj,
-                    absorbed=absorbed,
-                    deterministic=deterministic,
-                    output_attentions=output_attentions,
-                )
-                if states is not None:
-                    states.append(x)
-                if attns is not None:
-                    attns.append(probs)
-        elif full < self.config.num_hidden_layers:
+            x, s2, a2 = self._segment(
+                narrow_layers,
+                gather_rows(context_bld, narrow_positions_bp),
+                key_mask_bl,
+                context_bld,
+                kv,
+                absorbed=absorbed,
+                **kw,
+            )
+            states, attns = states + s2, attns + a2
+        elif full < cfg.num_hidden_layers:
             raise ValueError(
-                f"a NarrowBERT encoder (full_length_layers={full} < {self.config.num_hidden_layers} layers) needs "
+                f"a NarrowBERT encoder (full_length_layers={full} < {cfg.num_hidden_layers} layers) needs "
                 "narrow positions: pass narrow_positions/narrow_valid (or narrow_mask outside jit)"
             )
-        return x, (tuple(states) if states is not None else None), (tuple(attns) if attns is not None else None)
+        hidden_states = (hidden_bld, *states) if output_hidden_states else None
+        return x, hidden_states, (tuple(attns) if output_attentions else None)
+
+    def _segment(
+        self,
+        layers,
+        x,
+        key_mask_bl,
+        context=None,
+        kv=None,
+        *,
+        absorbed=False,
+        deterministic=True,
+        output_attentions=False,
+        collect=False,
+    ):
+        """Run ``layers`` in order (a Python loop, or ``lax.scan`` over call-time-stacked weights), each under
+        the configured remat policy. ``kv``: stacked (K, V), each (M, B, L, H), from the fused projection.
+
+        Returns (x, per-layer outputs if ``collect``, per-layer attention probabilities if requested).
+        """
+        cfg = self.config
+
+        def call(layer, x, kv_proj):
+            return layer(
+                x,
+                key_mask_bl,
+                context,
+                kv_proj=kv_proj,
+                absorbed=absorbed,
+                deterministic=deterministic,
+                output_attentions=output_attentions,
+            )
+
+        if cfg.remat_policy != "none":
+            call = nnx.remat(call, policy=REMAT_POLICIES[cfg.remat_policy])
+        if cfg.scan_layers and len(layers) > 1 and not collect and not output_attentions:
+            return scan_layers(call, layers, x, kv), [], []
+        outs, attns = [], []
+        for i, layer in enumerate(layers):
+            x, probs = call(layer, x, None if kv is None else (kv[0][i], kv[1][i]))
+            if collect:
+                outs.append(x)
+            if output_attentions:
+                attns.append(probs)
+        return x, outs, attns
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(call, layers: list, x: jax.Array, kv=None) -> jax.Array:
+    """``x = call(layer_i, x, kv_i)`` for every layer as one ``lax.scan``: the layer body compiles once.
+
+    Weights are stacked at call time (parameters keep their per-layer, HF-mirroring paths); the layers'
+    updated non-parameter state (dropout RNG counters) is written back after the scan.
+    """
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+
+    def body(carry, xs):
+        state, kv_proj = xs
+        layer = nnx.merge(graphdef, state)
+        y, _ = call(layer, carry, kv_proj)
+        return y, nnx.state(layer)
+
+    x, new_states = jax.lax.scan(body, x, (stacked, kv))
+    for i, layer in enumerate(layers):
+        nnx.update(layer, jax.tree.map(lambda a, i=i: a[i], new_states))
+    return x
 
 
 def use_absorbed_attention(config: EncoderConfig, num_rows: int) -> bool:
@@ -351,17 +412,18 @@ def use_absorbed_attention(config: EncoderConfig, num_rows: int) -> bool:
     return mode == "absorbed"
 
 
-def fused_kv_projection(layers: list[BertLayer], context_bld: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+def fused_kv_projection(layers: list[BertLayer], context_bld: jax.Array) -> tuple[jax.Array, jax.Array]:
     """K and V of every narrow layer from one matmul over the shared frozen context C.
 
-    Returns one (K (B, L, H), V (B, L, H)) pair per layer, equal to ``(layer.key(C), layer.value(C))``.
+    Returns (K, V), each (M, B, L, H) for M layers, with K[i] == layers[i]...key(C) (and V likewise).
     """
     selfs = [layer.attention.self for layer in layers]
+    m = len(selfs)
     dt = selfs[0].query.dtype or context_bld.dtype
-    kernels = [k for a in selfs for k in (a.key.kernel[...], a.value.kernel[...])]
-    biases = [b for a in selfs for b in (a.key.bias[...], a.value.bias[...])]
-    w_hk = jnp.concatenate(kernels, axis=1).astype(dt)
-    b_k = jnp.concatenate(biases).astype(dt)
-    kv_blk = jnp.einsum("BLH,HK->BLK", context_bld.astype(dt), w_hk) + b_k
-    parts = jnp.split(kv_blk, 2 * len(selfs), axis=-1)
-    return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(selfs))]
+    w_h2mh = jnp.stack([jnp.stack([a.key.kernel[...], a.value.kernel[...]]) for a in selfs], axis=1)  # (2,M,H,H)
+    b_2mh = jnp.stack([jnp.stack([a.key.bias[...], a.value.bias[...]]) for a in selfs], axis=1)
+    h = context_bld.shape[-1]
+    w = w_h2mh.transpose(2, 0, 1, 3).reshape(h, 2 * m * h).astype(dt)  # one (H, 2·M·H) matmul
+    kv = jnp.einsum("BLH,HK->BLK", context_bld.astype(dt), w).reshape(context_bld.shape[:2] + (2, m, h))
+    kv = kv.transpose(2, 3, 0, 1, 4) + b_2mh[:, :, None, None, :].astype(dt)
+    return kv[0], kv[1]

@@ -240,3 +240,37 @@ def test_auto_form_choice_follows_the_flop_rule():
     assert not use_absorbed_attention(base, 80)  # MLM at L = 512: 80·12 > 768
     assert use_absorbed_attention(base.replace(narrow_attention="absorbed"), 80)
     assert not use_absorbed_attention(base.replace(narrow_attention="standard"), 1)
+
+
+def test_scan_and_remat_change_nothing_but_speed(batch):
+    inputs, labels = batch
+    pos, valid = fn.positions_from_mask(labels != -100, max_positions=4)
+    row_labels = np.where(valid, np.take_along_axis(labels, np.asarray(pos), 1), -100)
+    # F = 2 full + 2 narrow layers: both segments scanned; "standard" so the fused K/V is scanned too
+    preset = fn.EncoderConfig.tiny_narrowbert(narrow_attention="standard")
+    results = []
+    for kw in ({}, {"scan_layers": True, "remat_policy": "dots"}, {"remat_policy": "full"}):
+        model = fn.BertForMaskedLM.from_config(preset.replace(**kw), seed=9)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(p, rest, graphdef=graphdef):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            return m(**inputs, narrow_positions=pos, narrow_valid=valid, labels=row_labels, deterministic=False).loss
+
+        results.append(jax.jit(jax.value_and_grad(loss_fn))(params, rest))
+    (l0, g0), others = results[0], results[1:]
+    for l1, g1 in others:
+        assert abs(float(l0) - float(l1)) <= 1e-6  # same dropout masks too: the RNG streams advance identically
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_scanned_layers_advance_their_dropout_streams_like_the_loop():
+    ids = np.array([[2, 5, 6, 7, 8, 9, 3]])
+    runs = []
+    for kw in ({}, {"scan_layers": True}):
+        m = fn.BertModel.from_config(fn.EncoderConfig.tiny(num_hidden_layers=3, **kw), seed=1)
+        runs.append([np.asarray(m(ids, deterministic=False).last_hidden_state) for _ in range(2)])
+    np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-5)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-5)  # second call: counters were written back
+    assert np.abs(runs[0][0] - runs[0][1]).max() > 1e-2
