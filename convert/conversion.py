@@ -27,7 +27,7 @@ from flax_narrow.errors import CheckpointError, ConfigError, FlaxNarrowError
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 * 2**20  # tensors above this (untransformed) are converted in row blocks of this size
+CHUNK_BYTES = 8 * 2**20  # tensors above this (untransformed) are converted in row blocks of this size
 
 # --head choices -> the architecture kept
 HEADS = {

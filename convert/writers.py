@@ -7,8 +7,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -151,19 +153,62 @@ def write_safetensors_stream(path: str, specs: list[TensorSpec], metadata: dict[
     with open(path, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little"))
         fh.write(blob)
+        rows: dict[str, int] = {}
+        # Reading/casting the next block (numpy, GIL released) overlaps with writing this one.
+        for spec, block in _prefetch(_blocks(specs)):
+            if block.dtype != np.dtype(spec.dtype) or tuple(block.shape[1:]) != tuple(spec.shape[1:]):
+                raise CheckpointError(
+                    f"{spec.name}: produced {block.dtype.name}{tuple(block.shape)}, planned "
+                    f"{np.dtype(spec.dtype).name}{tuple(spec.shape)}"
+                )
+            fh.write(block.reshape(-1).view(np.uint8))
+            rows[spec.name] = rows.get(spec.name, 0) + (block.shape[0] if block.ndim else 1)
         for spec in specs:
-            out = spec.produce()
-            rows = 0
-            for block in [out] if isinstance(out, np.ndarray) else out:
-                block = np.ascontiguousarray(block)
-                if block.dtype != np.dtype(spec.dtype) or tuple(block.shape[1:]) != tuple(spec.shape[1:]):
-                    raise CheckpointError(
-                        f"{spec.name}: produced {block.dtype.name}{tuple(block.shape)}, planned "
-                        f"{np.dtype(spec.dtype).name}{tuple(spec.shape)}"
-                    )
-                fh.write(block.reshape(-1).view(np.uint8))
-                rows += block.shape[0] if block.ndim else 1
-                del block
-            if rows != (spec.shape[0] if spec.shape else 1):
-                raise CheckpointError(f"{spec.name}: produced {rows} rows, planned {tuple(spec.shape)}")
+            if rows.get(spec.name, 0) != (spec.shape[0] if spec.shape else 1):
+                raise CheckpointError(f"{spec.name}: produced {rows.get(spec.name, 0)} rows, planned {spec.shape}")
     return 8 + len(blob) + offset
+
+
+def _blocks(specs: list[TensorSpec]) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    for spec in specs:
+        out = spec.produce()
+        for block in [out] if isinstance(out, np.ndarray) else out:
+            yield spec, np.ascontiguousarray(block)
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``items`` in a background thread, at most ``depth`` ahead; its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as e:  # KeyboardInterrupt too: the consumer re-raises it
+            put(("error", e))
+
+    worker = threading.Thread(target=run, name="safetensors-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
