@@ -428,8 +428,14 @@ def verify_conversion(opened: sources.OpenedSource, plan: ConversionPlan, conver
             reference = "transformers on an HF export of the converted weights"
         try:
             v = verify_against_torch(model, ref_dir, batch)
-        except FlaxNarrowError as e:
+        except FlaxNarrowError as e:  # no transformers class for this architecture
             return VerifyResult(skipped=str(e))
+        except Exception as e:  # transformers failed on the reference: the user asked for a check, so fail
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(
+                f"{opened.path}: --verify could not run transformers on the reference ({type(e).__name__}: "
+                f"{first}); convert without --verify, or report the problem"
+            ) from None
     return VerifyResult(v.output, v.shape, v.max_abs_diff, reference)
 
 

@@ -204,8 +204,14 @@ def _verify_export(plan: conversion.ConversionPlan, src: str, exported: str) -> 
     batch = random_batch(model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset))
     try:
         v = verify_against_torch(model, exported, batch)
-    except FlaxNarrowError as e:
+    except FlaxNarrowError as e:  # no transformers class for this architecture
         return conversion.VerifyResult(skipped=str(e))
+    except Exception as e:  # transformers cannot load the export: that is a failed verification
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"{src}: --verify: transformers could not load the export ({type(e).__name__}: {first}); nothing "
+            "was written"
+        ) from None
     return conversion.VerifyResult(v.output, v.shape, v.max_abs_diff, "transformers on the export")
 
 
