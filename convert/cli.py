@@ -77,7 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="flax-narrow checkpoint directory")
     p.add_argument("dst", metavar="DST", help="HF checkpoint directory to create")
     p.add_argument(
-        "--storage-dtype", choices=(*DTYPES, "source"), default="source", help="dtype of the written tensors"
+        "--storage-dtype",
+        choices=(*DTYPES, "source"),
+        default="source",
+        help="dtype of the written tensors (default: source, as stored in SRC)",
     )
     p.add_argument(
         "--verify",
