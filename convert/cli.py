@@ -118,9 +118,24 @@ def _os_errors_as_one_line(func):
     return wrapped
 
 
+def _quiet_transformers(args: argparse.Namespace) -> None:
+    """--verify loads transformers models: keep its progress bars and its note that it leaves a stale decoder
+    copy untied (we re-tie it) off the terminal, unless -v."""
+    if not getattr(args, "verify", False) or args.verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 @_os_errors_as_one_line
 def _convert(args: argparse.Namespace) -> int:
     from flax_narrow.convert import conversion
+
+    _quiet_transformers(args)
 
     report = conversion.convert_checkpoint(
         args.src,
@@ -144,6 +159,8 @@ def _convert(args: argparse.Namespace) -> int:
 @_os_errors_as_one_line
 def _export(args: argparse.Namespace) -> int:
     from flax_narrow.convert import export
+
+    _quiet_transformers(args)
 
     report = export.export_checkpoint(
         args.src,
