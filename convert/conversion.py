@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from flax_narrow.config import EncoderConfig, _canonical_dtype
+from flax_narrow.config import EncoderConfig, canonical_dtype
 from flax_narrow.convert import keymap, sources, writers
 from flax_narrow.convert.readers import FLAX_WEIGHTS, TensorSource
 from flax_narrow.errors import CheckpointError, ConfigError, FlaxNarrowError
@@ -244,12 +244,12 @@ def lazy_tensor(
 def storage_dtype_for(choice: str | None, param_dtype: str, source_dtype: str) -> np.dtype:
     """The dtype a tensor is written in: 'param' (the config's param dtype), 'source', or a dtype name."""
     if choice in (None, "param"):
-        return np.dtype(_canonical_dtype(param_dtype))
+        return np.dtype(canonical_dtype(param_dtype))
     if choice == "source":
-        dt = np.dtype(_canonical_dtype(sources.dtype_name(source_dtype)))
+        dt = np.dtype(canonical_dtype(sources.dtype_name(source_dtype)))
         return dt if dt.kind == "f" or dt.name == "bfloat16" else np.dtype(np.float32)
     try:
-        dt = np.dtype(_canonical_dtype(choice))
+        dt = np.dtype(canonical_dtype(choice))
     except TypeError:
         raise ConfigError(f"storage dtype {choice!r} is not a dtype name") from None
     if not (dt.kind == "f" or dt.name == "bfloat16"):

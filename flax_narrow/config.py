@@ -123,7 +123,7 @@ class EncoderConfig:
             )
         for name in ("dtype", "param_dtype"):
             try:
-                dt = np.dtype(_canonical_dtype(getattr(self, name)))
+                dt = np.dtype(canonical_dtype(getattr(self, name)))
             except TypeError:
                 raise ConfigError(f"EncoderConfig: {name} {getattr(self, name)!r} is not a dtype name") from None
             need(dt.kind == "f" or dt.name == "bfloat16", f"{name} must be a float dtype, got {dt.name}")
@@ -153,11 +153,11 @@ class EncoderConfig:
 
     @property
     def compute_dtype(self) -> np.dtype:
-        return np.dtype(_canonical_dtype(self.dtype))
+        return np.dtype(canonical_dtype(self.dtype))
 
     @property
     def params_dtype(self) -> np.dtype:
-        return np.dtype(_canonical_dtype(self.param_dtype))
+        return np.dtype(canonical_dtype(self.param_dtype))
 
     def replace(self, **changes: Any) -> EncoderConfig:
         """A copy with some fields changed (validated again)."""
@@ -366,7 +366,8 @@ class EncoderConfig:
         return cls(**d)
 
 
-def _canonical_dtype(name: Any) -> Any:
+def canonical_dtype(name: Any) -> Any:
+    """A numpy-understood dtype for a config dtype name (bfloat16 via ml_dtypes; fp32/fp16 aliases)."""
     if name in ("bfloat16", "bf16"):
         import ml_dtypes
 

@@ -12,8 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_wheel_has_only_flax_narrow_at_top_level(tmp_path):
+    import shutil
+
+    # build from a copy, so that setuptools' build/ and egg-info never land in the working tree
+    src = tmp_path / "src"
+    keep = ("flax_narrow", "train", "convert", "pyproject.toml", "README.md")
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if d == ROOT and n not in keep])
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), src],
         check=True,
     )
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]

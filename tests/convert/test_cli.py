@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from convert_helpers import assert_one_line_error, listing, run_cli, write_params
 from safetensors import safe_open
 
 import flax_narrow as fn
 from conftest import max_diff, save_torch_model, tiny_hf_config, torch_run
+from convert_helpers import assert_one_line_error, listing, run_cli, write_params
 
 
 @pytest.fixture(scope="module")

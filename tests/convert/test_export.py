@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from convert_helpers import assert_one_line_error, listing, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flax_narrow as fn
 from conftest import max_diff, save_torch_model, tiny_hf_config, torch_run
+from convert_helpers import assert_one_line_error, listing, run_cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "modeling"))
 from narrow_reference import RefForMaskedLM, randomize, save_authors_checkpoint, save_port_checkpoint  # noqa: E402

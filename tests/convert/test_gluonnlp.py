@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from convert_helpers import hf_to_gluon_name, run_cli, write_params
 
 import flax_narrow as fn
 from conftest import max_diff, torch_run
+from convert_helpers import hf_to_gluon_name, run_cli, write_params
 from flax_narrow.convert import gluonnlp
 from flax_narrow.convert.sources import open_source
 from flax_narrow.errors import CheckpointError, ConfigError
