@@ -1,4 +1,4 @@
-"""Every ```python block in docs/*.md runs as written (offline). A block preceded by the line
+"""Every ```python block in README.md and docs/*.md runs as written (offline). A block preceded by the line
 ``<!-- no-run: reason -->`` is skipped (e.g. one that needs the hub), with the reason shown."""
 
 import glob
@@ -12,7 +12,7 @@ BLOCK = re.compile(r"(<!-- no-run: (?P<why>[^>]*) -->\s*\n)?```python\n(?P<code>
 
 
 def _blocks():
-    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
         text = open(path, encoding="utf-8").read()
         for i, m in enumerate(BLOCK.finditer(text)):
             yield pytest.param(m.group("code"), m.group("why"), id=f"{os.path.basename(path)}#{i}")
