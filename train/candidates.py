@@ -1,0 +1,177 @@
+"""Candidates side by side: K fine-tuning runs of one small model trained together on one device.
+
+The step of :mod:`flax_narrow.train.finetune` takes the learning rate, weight decay and schedule as arrays, so
+``jax.vmap`` over stacked parameters, optimizer states, RNG states, batches and those scalars trains K
+candidates in one compiled step. Candidate k's initial head and dropout come from its seed, its data order
+from its seed too, so the result equals running the K candidates one by one (``train_sequential``).
+All candidates of a group share the batch size and step count (group candidates by batch size and epochs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_narrow.train.finetune import (
+    FinetuneConfig,
+    adam_init,
+    bort_head_init,
+    device_batch,
+    forward_fn,
+    make_train_step,
+    split_model,
+)
+from flax_narrow.train.finetune_data import batches
+from flax_narrow.train.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One hyperparameter set θ."""
+
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    batch_size: int = 16
+    seed: int = 0
+    epochs: float = 3.0
+
+    @property
+    def name(self) -> str:
+        return (
+            f"lr{self.learning_rate:g}_wd{self.weight_decay:g}_wu{self.warmup_ratio:g}"
+            f"_bs{self.batch_size}_s{self.seed}_ep{self.epochs:g}"
+        )
+
+    def config(self, base: FinetuneConfig) -> FinetuneConfig:
+        return dataclasses.replace(
+            base,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_ratio=self.warmup_ratio,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epochs=self.epochs,
+        )
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, k: int) -> list[Any]:
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(k)]
+
+
+def _init(model_factory: Callable[[int], Any], cand: Candidate, base: FinetuneConfig):
+    model = model_factory(cand.seed)
+    if base.head == "bort":
+        bort_head_init(model, cand.seed)
+    return split_model(model)
+
+
+def _data_order(train: dict[str, np.ndarray], cand: Candidate, steps: int):
+    """The batches of candidate ``cand``: shuffled per epoch by its seed, full batches only."""
+    rng = np.random.default_rng(cand.seed)
+    n = len(train["input_ids"])
+    out = []
+    while len(out) < steps:
+        for b in batches(train, cand.batch_size, rng=rng, drop_last=n >= cand.batch_size):
+            out.append(device_batch(b))
+            if len(out) == steps:
+                break
+    return out
+
+
+def train_side_by_side(
+    model_factory: Callable[[int], Any],
+    task: Task,
+    train: dict[str, np.ndarray],
+    candidates: Sequence[Candidate],
+    base: FinetuneConfig | None = None,
+) -> list[Any]:
+    """Train every candidate with one vmapped step; returns the K trained models (nnx modules).
+
+    Args:
+      model_factory: seed -> a fresh task model (pretrained body, head initialised from the seed).
+      candidates: share ``batch_size`` and ``epochs`` (use :func:`groups` to split a Θ).
+    """
+    if len({(c.batch_size, c.epochs) for c in candidates}) != 1:
+        raise ValueError("candidates trained side by side must share batch_size and epochs; use groups()")
+    base = base or FinetuneConfig()
+    k = len(candidates)
+    n = len(train["input_ids"])
+    cfgs = [c.config(base) for c in candidates]
+    splits = [_init(model_factory, c, base) for c in candidates]
+    graphdef = splits[0][0]
+    params, rest = _stack([s[1] for s in splits]), _stack([s[2] for s in splits])
+    opt_state = jax.vmap(lambda p: adam_init(p, base.b1, base.b2, base.eps))(params)
+    hp = _stack([c.hparams(n) for c in cfgs])
+    total = cfgs[0].total_steps(n)
+    step = make_train_step(graphdef, forward_fn(task, base.head), base)
+    vstep = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None)), donate_argnums=(0, 2))
+    orders = [_data_order(train, c, total) for c in candidates]
+    for t in range(total):
+        batch = _stack([orders[i][t] for i in range(k)])
+        params, rest, opt_state, _ = vstep(params, rest, opt_state, batch, hp, jnp.int32(t))
+    return [nnx.merge(graphdef, p, r) for p, r in zip(_unstack(params, k), _unstack(rest, k))]
+
+
+def train_sequential(
+    model_factory: Callable[[int], Any],
+    task: Task,
+    train: dict[str, np.ndarray],
+    candidates: Sequence[Candidate],
+    base: FinetuneConfig | None = None,
+) -> list[Any]:
+    """The reference: the same step, data order and seeds, one candidate after another."""
+    base = base or FinetuneConfig()
+    n = len(train["input_ids"])
+    models = []
+    step_cache: dict[Any, Any] = {}
+    for c in candidates:
+        cfg = c.config(base)
+        graphdef, params, rest = _init(model_factory, c, base)
+        opt_state = adam_init(params, base.b1, base.b2, base.eps)
+        if graphdef not in step_cache:
+            step_cache[graphdef] = jax.jit(make_train_step(graphdef, forward_fn(task, base.head), base))
+        step = step_cache[graphdef]
+        hp = cfg.hparams(n)
+        for t, batch in enumerate(_data_order(train, c, cfg.total_steps(n))):
+            params, rest, opt_state, _ = step(params, rest, opt_state, batch, hp, jnp.int32(t))
+        models.append(nnx.merge(graphdef, params, rest))
+    return models
+
+
+def groups(candidates: Sequence[Candidate]) -> list[list[Candidate]]:
+    """Split Θ into groups that can train side by side (same batch size and epochs), order kept."""
+    out: dict[tuple[int, float], list[Candidate]] = {}
+    for c in candidates:
+        out.setdefault((c.batch_size, c.epochs), []).append(c)
+    return list(out.values())
+
+
+def bort_grid(epochs: float = 50.0) -> list[Candidate]:
+    """The released BORT grid ("initial Θ", 480 sets): lr {1e-4, 1e-5, 9e-6} x weight decay {0, 10, 100, 350}
+    x warmup {0.35, 0.40, 0.45, 0.50} x batch {8, 16} x seeds 0-4.
+
+    The weight decays are as released; with decoupled decay (``p -= lr * wd * p``) values >= 10 shrink the
+    weights by lr*wd per step, which users reported as near-random accuracy. Prefer a pruned Θ in practice.
+    """
+    return [
+        Candidate(lr, wd, wu, bs, seed, epochs)
+        for lr in (1e-4, 1e-5, 9e-6)
+        for wd in (0.0, 10.0, 100.0, 350.0)
+        for wu in (0.35, 0.40, 0.45, 0.50)
+        for bs in (8, 16)
+        for seed in range(5)
+    ]
