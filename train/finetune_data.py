@@ -149,7 +149,7 @@ class Encoder:
     def _assemble(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
         tok, n = self.tokenizer, self.max_length
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
-        seps = 1 if b is None else (3 if self.pair_format == "single_sep" else 4)
+        seps = 2 if b is None else (3 if self.pair_format == "single_sep" else 4)
         a, b = list(a), (None if b is None else list(b))
         while len(a) + (len(b) if b is not None else 0) + seps > n:  # longest-first truncation
             if b is not None and len(b) > len(a):

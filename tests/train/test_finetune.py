@@ -97,3 +97,16 @@ def test_local_files_with_column_mapping(tmp_path):
         getattr(pd.DataFrame(rows), write)(path, **kw)
         ex = load_examples(path, "train", "classification", {"text_a": "sent", "label": "y"})
         assert ex[0] == {"text_a": "w0 good", "label": "pos"} and len(ex) == 4
+
+
+@pytest.mark.parametrize("fmt", ["single_sep", "double_sep"])
+def test_truncation_fits_max_length(fmt):
+    tok = H.tokenizer()
+    enc = Encoder(tok, max_length=10, pair_format=fmt)
+    long = " ".join(H.WORDS[:20])
+    task = Task("classification", ("a",))
+    b = enc.encode(task, [{"text_a": long}, {"text_a": long, "text_b": "w1 w2"}, {"text_a": "w1", "text_b": long}])
+    assert b["attention_mask"].sum(1).tolist() == [10, 10, 10]
+    toks = tok.convert_ids_to_tokens(b["input_ids"][1].tolist())
+    seps = ["[SEP]"] * (2 if fmt == "double_sep" else 1)
+    assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and toks[-3 - len(seps) : -3] == seps
