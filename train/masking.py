@@ -1,0 +1,136 @@
+"""BERT masking on device, inside the jitted step: the host feeds token ids only.
+
+Per row, ``n = min(P, max(1, round(mask_prob * c)))`` of the ``c`` maskable tokens (not special, not padding)
+are chosen uniformly without replacement; of those, ``mask_token_prob`` become the mask token,
+``random_token_prob`` a uniformly random vocabulary id, and the rest keep their id (BERT's 80/10/10).
+The chosen positions are returned ascending in exactly P slots (static shape), ready for the narrow gather;
+unused slots point at position 0 and are marked invalid. Rows with no maskable token get no valid slot.
+
+Randomness comes from one key; with JAX's partitionable threefry the result does not depend on how the
+batch is sharded, and deriving the key from (seed, step) makes a resumed run draw the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_narrow.ops.gather import mask_to_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+    """Static masking parameters (hashable: part of the compiled step)."""
+
+    max_predictions: int
+    vocab_size: int
+    mask_token_id: int
+    pad_token_id: int
+    special_token_ids: tuple[int, ...]
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer,
+        *,
+        max_predictions: int,
+        vocab_size: int,
+        mask_prob: float = 0.15,
+        mask_token_prob: float = 0.8,
+        random_token_prob: float = 0.1,
+    ) -> MaskingSpec:
+        """Special ids, mask id and pad id from a transformers tokenizer."""
+        if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no mask or pad token; MLM pretraining needs both")
+        return cls(
+            max_predictions=max_predictions,
+            vocab_size=vocab_size,
+            mask_token_id=int(tokenizer.mask_token_id),
+            pad_token_id=int(tokenizer.pad_token_id),
+            special_token_ids=tuple(sorted({int(i) for i in tokenizer.all_special_ids})),
+            mask_prob=mask_prob,
+            mask_token_prob=mask_token_prob,
+            random_token_prob=random_token_prob,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedBatch:
+    """The model's inputs and targets for one MLM batch (B rows, L tokens, P slots).
+
+    input_ids: int32[B, L] corrupted ids; attention_mask: bool[B, L] (not padding);
+    positions: int32[B, P] ascending; valid: bool[B, P]; labels: int32[B, P] original ids at the positions.
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    labels: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    MaskedBatch, data_fields=["input_ids", "attention_mask", "positions", "valid", "labels"], meta_fields=[]
+)
+
+
+def maskable(input_ids_bl: jax.Array, special_token_ids: Sequence[int], pad_token_id: int) -> jax.Array:
+    """bool[B, L]: tokens that may be selected (not padding, not any special id)."""
+    special = jnp.asarray(sorted(set(special_token_ids) | {pad_token_id}), jnp.int32)
+    return ~jnp.isin(input_ids_bl, special)
+
+
+def mask_tokens(input_ids_bl: jax.Array, key: jax.Array, spec: MaskingSpec) -> MaskedBatch:
+    """Select and corrupt tokens of ``input_ids_bl`` (int32[B, L]) with ``key``; see the module docstring."""
+    ids = input_ids_bl.astype(jnp.int32)
+    p = spec.max_predictions
+    k_select, k_kind, k_random = jax.random.split(key, 3)
+    candidate_bl = maskable(ids, spec.special_token_ids, spec.pad_token_id)
+    count_b = candidate_bl.sum(axis=1, dtype=jnp.int32)
+    # BERT: round(c * prob), at least 1, at most P (never more than there are candidates).
+    want_b = jnp.round(count_b.astype(jnp.float32) * spec.mask_prob).astype(jnp.int32)
+    want_b = jnp.minimum(jnp.clip(want_b, 1, p), count_b)
+    # A uniform random subset of size want: the candidates with the `want` smallest random scores.
+    score_bl = jnp.where(candidate_bl, jax.random.uniform(k_select, ids.shape), 2.0)
+    rank_bl = jnp.argsort(jnp.argsort(score_bl, axis=1, stable=True), axis=1, stable=True)
+    selected_bl = candidate_bl & (rank_bl < want_b[:, None])
+    positions_bp, valid_bp, _ = mask_to_positions(selected_bl, p)  # want <= P: no overflow possible
+    # Labels and corrupted ids through a (B, P, L) one-hot rather than an integer gather and a scatter: the
+    # compares are elementwise along the batch, so they partition trivially on any mesh, and B*P*L integer
+    # ops cost nothing next to the model.
+    hit_bpl = valid_bp[:, :, None] & (positions_bp[:, :, None] == jnp.arange(ids.shape[1], dtype=jnp.int32))
+    labels_bp = jnp.sum(jnp.where(hit_bpl, ids[:, None, :], 0), axis=-1, dtype=jnp.int32)
+    # 80/10/10 per selected slot.
+    u_bp = jax.random.uniform(k_kind, positions_bp.shape)
+    random_ids_bp = jax.random.randint(k_random, positions_bp.shape, 0, spec.vocab_size, dtype=jnp.int32)
+    new_bp = jnp.where(
+        u_bp < spec.mask_token_prob,
+        spec.mask_token_id,
+        jnp.where(u_bp < spec.mask_token_prob + spec.random_token_prob, random_ids_bp, labels_bp),
+    )
+    replaced_bl = jnp.any(hit_bpl, axis=1)
+    new_bl = jnp.sum(jnp.where(hit_bpl, new_bp[:, :, None], 0), axis=1, dtype=jnp.int32)
+    corrupted = jnp.where(replaced_bl, new_bl, ids)
+    return MaskedBatch(
+        input_ids=corrupted,
+        attention_mask=ids != spec.pad_token_id,
+        positions=positions_bp,
+        valid=valid_bp,
+        labels=labels_bp,
+    )
+
+
+def expected_predictions(input_ids_bl: np.ndarray, spec: MaskingSpec) -> np.ndarray:
+    """int[B]: how many slots :func:`mask_tokens` fills per row (host-side reference for tests and FLOPs)."""
+    ids = np.asarray(input_ids_bl)
+    special = np.asarray(sorted(set(spec.special_token_ids) | {spec.pad_token_id}))
+    count = (~np.isin(ids, special)).sum(axis=1)
+    want = np.clip(np.round(count * spec.mask_prob).astype(int), 1, spec.max_predictions)
+    return np.minimum(want, count)
