@@ -14,7 +14,12 @@ import sys
 
 from flax_narrow.errors import FlaxNarrowError
 
-COMMAND_MODULES = ("flax_narrow.demo", "flax_narrow.convert.cli")
+COMMAND_MODULES = (
+    "flax_narrow.demo",
+    "flax_narrow.convert.cli",
+    "flax_narrow.train.cli",
+    "flax_narrow.train.finetune_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
