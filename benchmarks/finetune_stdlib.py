@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--mlm-steps", type=int, default=600)
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--agora-epochs", type=float, default=3)
     ap.add_argument("--replay", type=int, default=1)
@@ -187,7 +188,9 @@ def main() -> None:
     t_mlm = time.time() - t1
     enc = Encoder(tok, args.length)
     tr, dv, te = (enc.encode(task, d) for d in (train, dev, test))
-    ft = FinetuneConfig(learning_rate=args.lr, epochs=args.epochs, batch_size=32, warmup_ratio=0.1, patience=3)
+    ft = FinetuneConfig(
+        learning_rate=args.lr, epochs=args.epochs, batch_size=32, warmup_ratio=0.1, patience=args.patience
+    )
     res = finetune(build_model(task, mlm_dir, seed=0), task, tr, dv, ft, output_dir=os.path.join(args.out, "ft"))
     graphdef, params, rest = split_model(res.model)
     test_metrics, _ = evaluate(task, make_eval_step(graphdef, forward_fn(task, "standard")), params, rest, te, 64)
