@@ -68,8 +68,10 @@ class EncoderConfig:
     attention_impl: str = "xla"
     # NarrowBERT narrow attention: "auto" picks the absorbed form when P·heads < hidden (exact either way).
     narrow_attention: str = "auto"
-    # Project K/V of the frozen context for all narrow layers in one matmul (standard form only).
-    fuse_narrow_kv: bool = True
+    # Project K/V of the frozen context for all narrow layers in one matmul (standard form only). Off by
+    # default: the weights are stored per layer, and stacking them each call cost more than it saved on CPU
+    # (benchmarks/RESULTS.md); worth trying on accelerators at large P.
+    fuse_narrow_kv: bool = False
     # Run the layers of each segment as one lax.scan (compile time on deep models) and rematerialise each
     # layer in the backward pass: "none", "full" (save nothing), "dots", "dots_no_batch".
     scan_layers: bool = False
