@@ -54,6 +54,13 @@ def register(sub) -> None:
     p.add_argument("--output-dir", default=None, help="run directory (metrics, TensorBoard, checkpoints)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop after this step (checkpointing it); the schedule still spans train.steps, --resume continues",
+    )
     p.add_argument("--init-from", default=None, help="initial weights: a converted/HF checkpoint or hub id")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for the MFU estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -135,7 +142,7 @@ def _cli(args: argparse.Namespace) -> int:
 
     if jax.process_index() == 0:
         logging.getLogger("flax_narrow").setLevel(min(logging.getLogger().level, logging.INFO))
-    result = pretrain(cfg)
+    result = pretrain(cfg, stop_at=args.stop_at)
     if jax.process_index() == 0:
         last = result.history[-1] if result.history else {}
         summary = {

@@ -208,7 +208,14 @@ def _publish(tmp: str, final: str) -> None:
 
 
 def get_tokenizer(cfg: DataConfig, train_docs: Any, cache_dir: str) -> Any:
-    """The configured tokenizer, or a WordPiece tokenizer trained on ``train_docs`` (cached by source key)."""
+    """The configured tokenizer, or a WordPiece tokenizer trained on ``train_docs`` (cached by source key).
+
+    WordPiece training is not deterministic (ties are broken in hash order), so with several processes only
+    process 0 trains (or reads its cache) and the others receive its files: every host tokenizes alike, with
+    or without a shared cache directory.
+    """
+    import jax
+
     from flax_narrow.tokenization import load_tokenizer
 
     if cfg.tokenizer is not None:
@@ -217,11 +224,39 @@ def get_tokenizer(cfg: DataConfig, train_docs: Any, cache_dir: str) -> Any:
         raise ConfigError("data.tokenizer is required with streaming data (training one needs a pass over it)")
     key = _digest({"src": source_key(cfg, cache_dir), "vocab": cfg.tokenizer_vocab_size, "v": 1})
     directory = os.path.join(cache_dir, f"wordpiece-{cfg.tokenizer_vocab_size}-{key}")
-    if not os.path.isdir(directory):
+    if jax.process_index() == 0 and not os.path.isdir(directory):
         log.info("training a WordPiece tokenizer (vocab %d) on the corpus", cfg.tokenizer_vocab_size)
         column = cfg.text_column
         train_wordpiece((t for t in train_docs[column] if t), cfg.tokenizer_vocab_size, directory)
+    if jax.process_count() > 1:
+        directory = _share_directory(directory, os.path.join(cache_dir, "received"))
     return load_tokenizer(directory)
+
+
+def _share_directory(directory: str, inbox: str) -> str:
+    """Process 0's ``directory`` (small files) on every process: the path itself on process 0, a copy under
+    ``inbox/<content hash>`` elsewhere."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    blob = b""
+    if jax.process_index() == 0:
+        files = {n: open(os.path.join(directory, n), encoding="utf-8").read() for n in sorted(os.listdir(directory))}
+        blob = json.dumps(files).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(blob))))
+    local = np.frombuffer(blob, np.uint8) if blob else np.zeros(size, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(local)).tobytes()
+    if jax.process_index() == 0:
+        return directory
+    target = os.path.join(inbox, hashlib.sha256(data).hexdigest()[:16])
+    if not os.path.isdir(target):
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        os.makedirs(tmp)
+        for name, text in json.loads(data.decode()).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                fh.write(text)
+        _publish(tmp, target)
+    return target
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -400,6 +400,8 @@ def pretrain(
                     evaluate(step_no)
                 if do_ckpt:
                     save(step_no)
+                if do_eval or do_ckpt:  # keep evaluation and checkpoint time out of the throughput
+                    window_start = time.perf_counter()
                 if stop:
                     preempted = True
                     log.warning("stopping at step %d after a termination request (checkpoint saved)", step_no)
@@ -435,6 +437,40 @@ def pretrain(
         checkpoint_dir=ck_dir,
         skipped_steps=skipped,
     )
+
+
+def restore_model(
+    run_dir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
+) -> tuple[BertForMaskedLM, dict[str, Any]]:
+    """The model of a pretraining checkpoint (the latest, or ``step``) and the checkpoint's metadata.
+
+    Reads ``<run_dir>/config.json`` (written by :func:`pretrain`) and restores the train state onto ``mesh``
+    (default: one device), e.g. to evaluate or ``save_pretrained`` a run. The data-iterator state is not read.
+    """
+    from flax_narrow.errors import CheckpointError
+    from flax_narrow.train.config import MeshConfig, config_from_dict
+
+    path = os.path.join(os.path.expanduser(run_dir), "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir}: no config.json (not a pretraining run directory)")
+    with open(path, encoding="utf-8") as fh:
+        cfg = config_from_dict(json.load(fh))
+    mesh = shd.make_mesh(MeshConfig(1, 1, 1)) if mesh is None else mesh
+    local = os.path.join(os.path.expanduser(run_dir), "checkpoints")
+    ck_dir = local if os.path.isdir(local) else cfg.checkpoint_dir
+    if ck_dir is None or not os.path.isdir(ck_dir):
+        raise CheckpointError(f"{run_dir}: no checkpoint directory")
+    checkpointer = ckpt.Checkpointer(ck_dir)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{checkpointer.directory}: no checkpoints")
+        tx = make_optimizer(cfg.train)
+        spec = S.state_spec(cfg.model, tx, mesh, seed=cfg.train.seed)
+        state, meta = checkpointer.restore(step, ckpt.abstract_with_shardings(spec.abstract, spec.shardings), None)
+    finally:
+        checkpointer.close()
+    return nnx.merge(spec.graphdef, state.params, S.init_rest(spec)), meta
 
 
 def _check_resume_meta(cfg: PretrainConfig, meta: dict[str, Any], where: str | None) -> None:

@@ -15,3 +15,15 @@ def data_cache(tmp_path_factory) -> str:
 def jax_cache(tmp_path_factory) -> str:
     """A persistent compilation cache for CLI subprocesses (identical steps compile once)."""
     return str(tmp_path_factory.mktemp("jax-compilation-cache"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(data_cache):
+    """One process, one device: the run the 8-device, tensor-parallel and 2-process runs must reproduce."""
+    from train_helpers import reference_overrides
+
+    from flax_narrow.train.config import load_config
+    from flax_narrow.train.loop import pretrain
+
+    r = pretrain(load_config("tiny", None, reference_overrides(data_cache, **{"mesh.data": 1})))
+    return {"history": r.history, "evals": r.evals}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from train_helpers import small_overrides
+from train_helpers import reference_overrides
 
 from flax_narrow.config import EncoderConfig
 from flax_narrow.errors import ConfigError
@@ -64,29 +64,28 @@ def test_state_is_created_sharded_including_the_optimizer_state():
     assert all(x.sharding.mesh.devices.size == 8 for x in jax.tree.leaves(state))
 
 
-def _cfg(data_cache, mesh, steps, **extra):
-    overrides = small_overrides(
-        data_cache,
-        **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], "train.steps": steps, **extra},
-    )
+def _cfg(data_cache, mesh):
+    overrides = reference_overrides(data_cache, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
     return load_config("tiny", None, overrides)
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_device_over_50_steps(data_cache):
+def test_eight_devices_match_one_device_over_50_steps(data_cache, reference_run):
     # fp32, dropout on, 2 micro-batches per step; masks and dropout are functions of (seed, step) only.
-    extra = {"train.grad_accum_steps": 2}
-    one = pretrain(_cfg(data_cache, (1, 1, 1), 50, **extra))
-    eight = pretrain(_cfg(data_cache, (2, 4, 1), 50, **extra))  # data x fsdp
-    a = np.array([h["loss"] for h in one.history])
+    a = np.array([h["loss"] for h in reference_run["history"]])
+    eight = pretrain(_cfg(data_cache, (2, 4, 1)))  # data x fsdp
     b = np.array([h["loss"] for h in eight.history])
     assert len(a) == len(b) == 50 and a[-5:].mean() < a[:5].mean() - 0.3  # it trains
     np.testing.assert_allclose(b, a, rtol=1e-5)
-    np.testing.assert_allclose([h["accuracy"] for h in eight.history], [h["accuracy"] for h in one.history])
+    ref_acc = [h["accuracy"] for h in reference_run["history"]]
+    np.testing.assert_allclose([h["accuracy"] for h in eight.history], ref_acc)
+    np.testing.assert_allclose(
+        [e["eval_loss"] for e in eight.evals], [e["eval_loss"] for e in reference_run["evals"]], rtol=1e-5
+    )
     word = eight.state.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
     assert word.sharding.spec == P(None, "fsdp") and shd.shard_fraction(word) == 0.25
-    # Tensor parallelism (fsdp x tensor), the same run's first 10 steps.
-    tp = pretrain(_cfg(data_cache, (1, 2, 4), 50, **extra), stop_at=10)
+    # Tensor parallelism (fsdp x tensor): the same run's first 10 steps.
+    tp = pretrain(_cfg(data_cache, (1, 2, 4)), stop_at=10)
     np.testing.assert_allclose([h["loss"] for h in tp.history], a[:10], rtol=1e-5)
     word = tp.state.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
     assert word.sharding.spec == P("tensor", "fsdp") and shd.shard_fraction(word) == 1 / 8

@@ -1,8 +1,8 @@
 """Shared helpers for the training tests: a small real-text config and running the CLI in subprocesses.
 
-Subprocess runs use XLA's backend optimisation level 0 and a persistent compilation cache, so that the
-several runs of one test (uninterrupted / killed / resumed) compile the step once. Both only change how fast
-XLA compiles; every comparison is between runs made with the same settings.
+Subprocess runs use a persistent compilation cache, so that the runs of one test (killed / resumed) compile
+the step once, and by default XLA's backend optimisation level 0, which compiles faster; comparisons that must
+be bitwise exact against an in-process run use the default level, as the pytest process does.
 """
 
 from __future__ import annotations
@@ -34,10 +34,27 @@ def small_overrides(cache_dir: str, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def cli_env(jax_cache: str) -> dict[str, str]:
+def reference_overrides(cache_dir: str, **extra: object) -> list[str]:
+    """The exactness runs: 50 steps of 2 micro-batches, dropout on, evaluation every 10 steps."""
+    values = {
+        "train.steps": 50,
+        "train.grad_accum_steps": 2,
+        "train.eval_every": 10,
+        "data.eval_fraction": 0.1,
+        "checkpoint.every_steps": 5,
+        **extra,
+    }
+    return small_overrides(cache_dir, **values)
+
+
+def cli_env(jax_cache: str, *, fast_compile: bool = True) -> dict[str, str]:
+    """Environment of CLI subprocesses. ``fast_compile=False`` keeps XLA's default optimisation, as in the
+    pytest process, for results bitwise equal to in-process runs."""
     env = dict(os.environ)
+    if fast_compile:
+        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env.update(
-        XLA_FLAGS="--xla_backend_optimization_level=0",
+        JAX_DEFAULT_MATMUL_PRECISION="highest",
         JAX_COMPILATION_CACHE_DIR=jax_cache,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PLATFORMS="cpu",
