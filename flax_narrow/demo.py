@@ -67,7 +67,10 @@ def _window_means(history: list[dict[str, Any]], key: str, every: int) -> list[t
 def loss_table(results: dict[str, Any], every: int = 10) -> list[str]:
     """A compact text table: mean training loss and accuracy per window of ``every`` steps, then evaluations."""
     names = list(results)
-    cols = {n: (_window_means(r.history, "loss", every), _window_means(r.history, "accuracy", every)) for n, r in results.items()}
+    cols = {
+        n: (_window_means(r.history, "loss", every), _window_means(r.history, "accuracy", every))
+        for n, r in results.items()
+    }
     head = f"{'step':>6} " + " ".join(f"{n + ' loss':>18} {'acc':>6}" for n in names)
     lines = [head, "-" * len(head)]
     for i, (step, _) in enumerate(cols[names[0]][0]):
@@ -112,7 +115,9 @@ def run_demo(
             sets.append(f"train.steps={steps}")
         cfg = load_config(name, None, sets)
         m = cfg.model
-        kind = f"NarrowBERT (F={m.num_full_layers} full + {m.num_narrow_layers} narrow layers)" if m.is_narrow else "BERT"
+        kind = (
+            f"NarrowBERT (F={m.num_full_layers} full + {m.num_narrow_layers} narrow layers)" if m.is_narrow else "BERT"
+        )
         print(
             f"[{i + 1}/{len(PRESETS) + 1}] pretraining {kind}: hidden {m.hidden_size}, {m.num_hidden_layers} layers, "
             f"L={cfg.data.seq_len}, P={cfg.train.max_predictions}, batch {cfg.train.global_batch_size}, "
