@@ -142,14 +142,7 @@ class BertForMaskedLM(PreTrainedEncoder):
         output_hidden_states=False,
         output_attentions=False,
     ) -> MaskedLMOutput:
-        if (
-            labels is not None
-            and narrow_positions is None
-            and narrow_mask is None
-            and self.config.is_narrow
-            and labels.shape == jnp.shape(input_ids)
-        ):
-            narrow_mask = jax.device_get(labels) != IGNORE_INDEX
+        narrow_mask = _rows_from_labels(self.config, input_ids, labels, narrow_positions, narrow_mask)
         out = self.bert(
             input_ids,
             attention_mask,
@@ -167,6 +160,20 @@ class BertForMaskedLM(PreTrainedEncoder):
         if labels is not None:
             loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
         return MaskedLMOutput(logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid)
+
+
+def _rows_from_labels(config, input_ids, labels, narrow_positions, narrow_mask):
+    """The authors' convention: a NarrowBERT given per-token labels (B, L) and no rows computes the rows whose
+    label is not -100 (host-side; inside jit pass ``narrow_positions`` instead)."""
+    if (
+        labels is not None
+        and narrow_positions is None
+        and narrow_mask is None
+        and config.is_narrow
+        and labels.shape == jnp.shape(input_ids)
+    ):
+        return jax.device_get(labels) != IGNORE_INDEX
+    return narrow_mask
 
 
 def _row_loss(logits_bpc, labels, positions_bp, valid_bp):
@@ -289,14 +296,7 @@ class BertForTokenClassification(PreTrainedEncoder):
         output_hidden_states=False,
         output_attentions=False,
     ) -> TokenClassifierOutput:
-        if (
-            labels is not None
-            and narrow_positions is None
-            and narrow_mask is None
-            and self.config.is_narrow
-            and labels.shape == jnp.shape(input_ids)
-        ):
-            narrow_mask = jax.device_get(labels) != IGNORE_INDEX
+        narrow_mask = _rows_from_labels(self.config, input_ids, labels, narrow_positions, narrow_mask)
         out = self.bert(
             input_ids,
             attention_mask,
