@@ -190,14 +190,18 @@ def load_teacher(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> S.Teacher:
 
 
 class _SigtermFlag:
-    """Sets ``raised`` on SIGTERM while installed (main thread only)."""
+    """Sets ``raised`` on SIGTERM while installed (single process, main thread only).
+
+    With several processes, SIGTERM belongs to ``jax.distributed``'s preemption notifier, which tells every
+    process; they agree on a step through ``reached_preemption`` (orbax / coordination service) instead.
+    """
 
     def __init__(self) -> None:
         self.raised = False
         self._previous: Any = None
 
     def __enter__(self) -> _SigtermFlag:
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -267,6 +271,8 @@ def pretrain(
         )
         log.info("resumed from %s step %d", ck_dir, latest)
     else:
+        if ccfg.resume:
+            log.info("checkpoint.resume: no checkpoint under %s yet; starting from step 0", ck_dir)
         if latest is not None and not ccfg.resume:
             raise ConfigError(
                 f"{ck_dir} already holds checkpoints (latest step {latest}); pass checkpoint.resume=true "

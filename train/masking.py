@@ -6,8 +6,9 @@ are chosen uniformly without replacement; of those, ``mask_token_prob`` become t
 The chosen positions are returned ascending in exactly P slots (static shape), ready for the narrow gather;
 unused slots point at position 0 and are marked invalid. Rows with no maskable token get no valid slot.
 
-Randomness comes from one key; with JAX's partitionable threefry the result does not depend on how the
-batch is sharded, and deriving the key from (seed, step) makes a resumed run draw the same masks.
+Randomness comes from one key folded with each row's index in the global batch; with JAX's partitionable
+threefry the result depends neither on how the batch is sharded nor on how it is split into micro-batches,
+and deriving the key from (seed, step) makes a resumed run draw the same masks.
 """
 
 from __future__ import annotations
@@ -87,29 +88,39 @@ def maskable(input_ids_bl: jax.Array, special_token_ids: Sequence[int], pad_toke
     return ~jnp.isin(input_ids_bl, special)
 
 
-def mask_tokens(input_ids_bl: jax.Array, key: jax.Array, spec: MaskingSpec) -> MaskedBatch:
-    """Select and corrupt tokens of ``input_ids_bl`` (int32[B, L]) with ``key``; see the module docstring."""
+def mask_tokens(
+    input_ids_bl: jax.Array, key: jax.Array, spec: MaskingSpec, row_ids_b: jax.Array | None = None
+) -> MaskedBatch:
+    """Select and corrupt tokens of ``input_ids_bl`` (int32[B, L]); see the module docstring.
+
+    Each row draws from ``fold_in(key, row_id)`` (``row_ids_b``: int32[B], default 0..B-1), so a row's masks
+    depend on its index in the global batch only, not on how the batch is split into micro-batches.
+    """
     ids = input_ids_bl.astype(jnp.int32)
     p = spec.max_predictions
-    k_select, k_kind, k_random = jax.random.split(key, 3)
+    batch, length = ids.shape
+    if row_ids_b is None:
+        row_ids_b = jnp.arange(batch, dtype=jnp.int32)
+    row_keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(row_ids_b)
+    k_select, k_kind, k_random = row_keys[:, 0], row_keys[:, 1], row_keys[:, 2]
     candidate_bl = maskable(ids, spec.special_token_ids, spec.pad_token_id)
     count_b = candidate_bl.sum(axis=1, dtype=jnp.int32)
     # BERT: round(c * prob), at least 1, at most P (never more than there are candidates).
     want_b = jnp.round(count_b.astype(jnp.float32) * spec.mask_prob).astype(jnp.int32)
     want_b = jnp.minimum(jnp.clip(want_b, 1, p), count_b)
     # A uniform random subset of size want: the candidates with the `want` smallest random scores.
-    score_bl = jnp.where(candidate_bl, jax.random.uniform(k_select, ids.shape), 2.0)
+    score_bl = jnp.where(candidate_bl, jax.vmap(lambda k: jax.random.uniform(k, (length,)))(k_select), 2.0)
     rank_bl = jnp.argsort(jnp.argsort(score_bl, axis=1, stable=True), axis=1, stable=True)
     selected_bl = candidate_bl & (rank_bl < want_b[:, None])
     positions_bp, valid_bp, _ = mask_to_positions(selected_bl, p)  # want <= P: no overflow possible
     # Labels and corrupted ids through a (B, P, L) one-hot rather than an integer gather and a scatter: the
     # compares are elementwise along the batch, so they partition trivially on any mesh, and B*P*L integer
     # ops cost nothing next to the model.
-    hit_bpl = valid_bp[:, :, None] & (positions_bp[:, :, None] == jnp.arange(ids.shape[1], dtype=jnp.int32))
+    hit_bpl = valid_bp[:, :, None] & (positions_bp[:, :, None] == jnp.arange(length, dtype=jnp.int32))
     labels_bp = jnp.sum(jnp.where(hit_bpl, ids[:, None, :], 0), axis=-1, dtype=jnp.int32)
     # 80/10/10 per selected slot.
-    u_bp = jax.random.uniform(k_kind, positions_bp.shape)
-    random_ids_bp = jax.random.randint(k_random, positions_bp.shape, 0, spec.vocab_size, dtype=jnp.int32)
+    u_bp = jax.vmap(lambda k: jax.random.uniform(k, (p,)))(k_kind)
+    random_ids_bp = jax.vmap(lambda k: jax.random.randint(k, (p,), 0, spec.vocab_size, dtype=jnp.int32))(k_random)
     new_bp = jnp.where(
         u_bp < spec.mask_token_prob,
         spec.mask_token_id,

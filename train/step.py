@@ -191,9 +191,13 @@ def _forward(graphdef, params, rest, masked, *, deterministic: bool, dropout_key
 
 
 def step_keys(seed: int, step: jax.Array, micro: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-    """(mask key, dropout key) for a (step, micro-batch): a pure function of the seed, so resume is exact."""
-    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
-    return jax.random.fold_in(base, _MASK_STREAM), jax.random.fold_in(base, _DROPOUT_STREAM)
+    """(mask key, dropout key) of a step: pure functions of (seed, step), so a resumed run draws the same.
+
+    The mask key is the same for every micro-batch (rows fold in their global index, see
+    :func:`~flax_narrow.train.masking.mask_tokens`); the dropout key also folds in the micro-batch.
+    """
+    base = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.fold_in(base, _MASK_STREAM), jax.random.fold_in(jax.random.fold_in(base, _DROPOUT_STREAM), micro)
 
 
 def make_train_step(
@@ -219,7 +223,8 @@ def make_train_step(
 
     def micro_sums(params, rest, t_params, t_rest, ids_bl, step, micro):
         mask_key, drop_key = step_keys(seed, step, micro)
-        masked = mask_tokens(ids_bl, mask_key, masking)
+        rows = ids_bl.shape[0]
+        masked = mask_tokens(ids_bl, mask_key, masking, micro * rows + jnp.arange(rows, dtype=jnp.int32))
 
         def objective(p):
             logits = _forward(graphdef, p, rest, masked, deterministic=False, dropout_key=drop_key)

@@ -62,6 +62,7 @@ def test_sigkill_and_sigterm_then_resume_reproduce_the_uninterrupted_run(
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == ref, str({s: (got[s], ref[s]) for s in ref if got[s] != ref[s]})
     assert "resumed from" in open(r1_log).read()
+    assert Checkpointer(str(kill_dir / "checkpoints")).all_steps() == [40, 45, 50]  # every 5, keep the newest 3
 
     # SIGTERM left a checkpoint at the step it stopped at (not a multiple of EVERY in general), and it
     # restores (parameters, step and the run's config) into a working model.
