@@ -71,13 +71,13 @@ def loss_table(results: dict[str, Any], every: int = 10) -> list[str]:
         n: (_window_means(r.history, "loss", every), _window_means(r.history, "accuracy", every))
         for n, r in results.items()
     }
-    head = f"{'step':>6} " + " ".join(f"{n + ' loss':>18} {'acc':>6}" for n in names)
+    head = f"{'step':>8} " + " ".join(f"{n + ' loss':>18} {'acc':>6}" for n in names)
     lines = [head, "-" * len(head)]
     for i, (step, _) in enumerate(cols[names[0]][0]):
-        row = f"{step:>6} " + " ".join(f"{cols[n][0][i][1]:>18.3f} {cols[n][1][i][1]:>6.3f}" for n in names)
+        row = f"{step:>8} " + " ".join(f"{cols[n][0][i][1]:>18.3f} {cols[n][1][i][1]:>6.3f}" for n in names)
         lines.append(row)
     for i, ev in enumerate(results[names[0]].evals):
-        row = f"{'eval@' + str(ev['step']):>6} " + " ".join(
+        row = f"{'eval@' + str(ev['step']):>8} " + " ".join(
             f"{results[n].evals[i]['eval_loss']:>18.3f} {results[n].evals[i]['eval_accuracy']:>6.3f}" for n in names
         )
         lines.append(row)
@@ -101,7 +101,6 @@ def run_demo(
     """
     import jax
 
-    from flax_narrow.train import flops as F
     from flax_narrow.train.config import load_config
     from flax_narrow.train.loop import pretrain
 
@@ -148,8 +147,7 @@ def run_demo(
     print(
         f"\nThroughput (train steps, same batch shapes, after compilation): NarrowBERT "
         f"{figures['narrow_tokens_per_s']:,.0f} tokens/s, BERT {figures['bert_tokens_per_s']:,.0f} tokens/s "
-        f"-> NarrowBERT/BERT = {ratio:.2f}x  (analytic training FLOPs ratio {flops_ratio:.2f}x; "
-        f"{F.train_step_flops.__module__}.train_step_flops)"
+        f"-> NarrowBERT/BERT = {ratio:.2f}x  (analytic ratio of training FLOPs per step: {flops_ratio:.2f}x)"
     )
     if export:
         figures.update(_save_and_export(narrow, out_dir, len(PRESETS) + 1))
