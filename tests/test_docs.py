@@ -24,3 +24,14 @@ def test_doc_block_runs(code, why, tmp_path, monkeypatch):
         pytest.skip(why)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "<doc>", "exec"), {"__name__": "__doc__"})
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is exactly what scripts/gen_cli_docs.py renders from the CLI's --help."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", os.path.join(ROOT, "scripts", "gen_cli_docs.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    current = open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8").read()
+    assert current == gen.render(), "docs/cli.md is stale: run python scripts/gen_cli_docs.py"

@@ -19,7 +19,7 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped on request after saving a checkpo
 EPILOG = """\
 examples:
   flax-narrow pretrain --preset tiny --output-dir runs/tiny
-  flax-narrow pretrain --preset narrowbert-base --set data.files=corpus/*.txt --output-dir gs://.../run1
+  flax-narrow pretrain --preset narrowbert-base --set data.files='corpus/*.txt' --output-dir /shared/runs/nb1
   flax-narrow pretrain --config run.yaml --set train.learning_rate=3e-4 --resume
   flax-narrow pretrain --preset bort --set kd.teacher=ckpt/roberta-large --print-config
 
@@ -27,8 +27,9 @@ presets: tiny, tiny-bert, demo-narrowbert, demo-bert, narrowbert-base, bert-base
 sections for --set: model (EncoderConfig fields), data, train, kd, mesh, checkpoint; e.g.
   --set model.full_length_layers=2 --set mesh.fsdp=4 --set checkpoint.every_steps=500
 exit codes: 0 done; 2 configuration/checkpoint error; 143 stopped by SIGTERM after saving a checkpoint.
-multi-host: run the same command on every host; jax.distributed is initialised automatically on TPU
-pods and under SLURM (--distributed auto), or from --coordinator-address/--num-processes/--process-id.
+multi-host: run the same command on every host with --distributed on (jax.distributed.initialize() then finds
+TPU pods and SLURM jobs itself; scripts/ does this), or --coordinator-address/--num-processes/--process-id.
+--output-dir is a filesystem path every host can write (on TPU VMs, a bucket mounted with gcsfuse).
 """
 
 
