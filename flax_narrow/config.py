@@ -76,6 +76,10 @@ class EncoderConfig:
     # layer in the backward pass: "none", "full" (save nothing), "dots", "dots_no_batch".
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Pad the tied decoder's vocabulary dimension to a multiple of this inside the MLM head's matmul (the
+    # padded logits are sliced off before anything reads them). Parameters and checkpoints keep the true
+    # vocab_size, so this is a pure compute setting; 128 aligns the matmul with GPU/TPU tiles. 1 = off.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -102,6 +106,10 @@ class EncoderConfig:
         need(
             self.narrow_attention in NARROW_ATTENTION,
             f"narrow_attention {self.narrow_attention!r} not in {NARROW_ATTENTION}",
+        )
+        need(
+            isinstance(self.vocab_pad_multiple, int) and self.vocab_pad_multiple >= 1,
+            f"vocab_pad_multiple must be an int >= 1, got {self.vocab_pad_multiple!r}",
         )
         need(self.remat_policy in REMAT, f"remat_policy {self.remat_policy!r} not in {REMAT}")
         need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")

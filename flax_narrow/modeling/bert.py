@@ -96,12 +96,20 @@ class BertLMPredictionHead(nnx.Module):
     """transform -> decoder tied to the word embeddings (``Embed.attend``) + ``bias``."""
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
         self.transform = BertPredictionHeadTransform(config, rngs=rngs)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), config.params_dtype), logical_axes=("vocab",))
 
     def __call__(self, x, word_embeddings: nnx.Embed):
         h = self.transform(x)
-        return word_embeddings.attend(h) + self.bias[...].astype(h.dtype)
+        vocab, multiple = self.config.vocab_size, self.config.vocab_pad_multiple
+        padded = -(-vocab // multiple) * multiple
+        if padded == vocab:
+            logits = word_embeddings.attend(h)
+        else:  # the same product on a table padded with zero rows; the extra columns are dropped at once
+            q, table = word_embeddings.promote_dtype((h, word_embeddings.embedding[...]), dtype=word_embeddings.dtype)
+            logits = jnp.dot(q, jnp.pad(table, ((0, padded - vocab), (0, 0))).T)[..., :vocab]
+        return logits + self.bias[...].astype(h.dtype)
 
 
 class BertOnlyMLMHead(nnx.Module):

@@ -189,6 +189,34 @@ def test_logits_at_positions_equal_dense_logits(tmp_path, padded_batch):
     assert abs(float(sparse.loss) - dense_loss) <= ATOL
 
 
+def test_vocab_padding_changes_nothing_but_the_matmul_shape(tmp_path, padded_batch):
+    """vocab_pad_multiple=128 pads the tied decoder 99 -> 128 inside the head: logits, loss (vs transformers)
+    and gradients (vs the unpadded model) are unchanged, and the parameters keep the true vocabulary."""
+    import jax
+    from flax import nnx
+
+    torch.manual_seed(10)
+    tm = transformers.BertForMaskedLM(tiny_hf_config())
+    d = save_torch_model(tm, tmp_path / "m")
+    labels = np.where(padded_batch["attention_mask"] > 0, padded_batch["input_ids"], -100)
+    ref = torch_run(tm, {**padded_batch, "labels": labels})
+    padded = fn.BertForMaskedLM.from_pretrained(d, vocab_pad_multiple=128)
+    plain = fn.BertForMaskedLM.from_pretrained(d)
+    assert padded.bert.embeddings.word_embeddings.embedding.shape == (99, 32)
+    out = padded(**padded_batch, labels=labels)
+    assert out.logits.shape == (2, 8, 99)
+    assert max_diff(out.logits, ref.logits, padded_batch["attention_mask"]) <= ATOL
+    assert abs(float(out.loss) - float(ref.loss)) <= ATOL
+
+    def grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: nnx.merge(graphdef, p, rest)(**padded_batch, labels=labels).loss  # noqa: E731
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    for a, b in zip(grads(padded), grads(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_dropout_only_when_not_deterministic():
     from flax import nnx
 
@@ -216,3 +244,38 @@ def test_bf16_compute_with_fp32_params(tmp_path, padded_batch):
     out = fm(**padded_batch).last_hidden_state
     assert out.dtype == np.dtype("bfloat16")
     assert max_diff(out, ref, padded_batch["attention_mask"]) < 0.1  # bf16 rounding, not a wrong model
+
+
+def test_cudnn_attention_refuses_attention_dropout():
+    """No silent fallback: cuDNN attention cannot drop attention probabilities, so training with it and
+    attention_probs_dropout_prob > 0 is an error naming the setting (inference is fine; checked on CPU
+    where the error comes before any cuDNN call)."""
+    from flax import nnx
+
+    m = fn.BertModel(fn.EncoderConfig.tiny(attention_impl="cudnn"), rngs=nnx.Rngs(0))
+    with pytest.raises(fn.ConfigError, match="attention_probs_dropout_prob=0"):
+        m(np.array([[2, 5, 6, 7]]), deterministic=False)
+
+
+def test_small_table_lookup_has_the_gather_gradient():
+    """Positions/token types use a one-hot-matmul gradient (no scatter atomics); it equals the gather's."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_narrow.modeling.layers import lookup_small_table
+
+    emb = nnx.Embed(7, 5, rngs=nnx.Rngs(0))
+    ids = jnp.array([[0, 3, 3, 6], [3, 3, 1, 0]])
+    g = jax.random.normal(jax.random.key(1), (2, 4, 5))
+    table = emb.embedding[...]
+
+    graphdef = nnx.graphdef(emb)
+
+    def ours(state):
+        return (lookup_small_table(nnx.merge(graphdef, state), ids) * g).sum()
+
+    want = jax.grad(lambda t: (jnp.take(t, ids, axis=0) * g).sum())(table)
+    got = jax.grad(ours)(nnx.state(emb)).embedding[...]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert np.abs(np.asarray(want)[[2, 4, 5]]).max() == 0 and np.abs(np.asarray(got)[3]).max() > 0
