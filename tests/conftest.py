@@ -7,6 +7,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLIs turn on JAX's persistent compilation cache under ~/.cache/flax-narrow: keep tests out of the home
+# directory (in-process CLI tests write there otherwise).
+os.environ.setdefault("FLAX_NARROW_TEST_XDG", __import__("tempfile").mkdtemp(prefix="flax-narrow-xdg-"))
+os.environ["XDG_CACHE_HOME"] = os.environ["FLAX_NARROW_TEST_XDG"]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -140,6 +140,9 @@ def _cli(args: argparse.Namespace) -> int:
     import jax
 
     from flax_narrow.train.loop import pretrain
+    from flax_narrow.train.runtime import enable_compilation_cache
+
+    enable_compilation_cache(cfg.train.compilation_cache_dir)
 
     if jax.process_index() == 0:
         logging.getLogger("flax_narrow").setLevel(min(logging.getLogger().level, logging.INFO))

@@ -121,6 +121,9 @@ class TrainConfig:
     progress_bar: bool = True
     # Peak FLOP/s per device for the MFU estimate; None looks the device kind up in a table.
     peak_tflops: float | None = None
+    # JAX's persistent compilation cache, turned on by the CLI: "auto" (~/.cache/flax-narrow/xla), a
+    # directory, or "off". JAX_COMPILATION_CACHE_DIR, when set, wins.
+    compilation_cache_dir: str = "auto"
 
     def __post_init__(self) -> None:
         w = "train"

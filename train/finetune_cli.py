@@ -125,6 +125,9 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from flax_narrow.train.runtime import enable_compilation_cache
+
+    enable_compilation_cache("auto")  # JAX_COMPILATION_CACHE_DIR wins; see train/runtime.py
     from flax_narrow.train.finetune import build_model, finetune
 
     task, enc, train, dev, test, source = _prepare(args)
@@ -142,6 +145,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_agora_cli(args: argparse.Namespace) -> int:
+    from flax_narrow.train.runtime import enable_compilation_cache
+
+    enable_compilation_cache("auto")  # JAX_COMPILATION_CACHE_DIR wins; see train/runtime.py
     from flax_narrow.modeling.bert import BertForMaskedLM
     from flax_narrow.train import agora
     from flax_narrow.train.candidates import Candidate, bort_grid
