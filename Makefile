@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check flax_narrow train convert tests benchmarks
-	$(BIN)/ruff format --check flax_narrow train convert tests benchmarks
+	$(BIN)/ruff check flax_narrow train convert tests benchmarks scripts
+	$(BIN)/ruff format --check flax_narrow train convert tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

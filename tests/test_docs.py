@@ -27,7 +27,7 @@ def test_doc_block_runs(code, why, tmp_path, monkeypatch):
 
 
 def test_cli_reference_is_current():
-    """docs/cli.md is exactly what scripts/gen_cli_docs.py renders from the CLI's --help."""
+    """docs/cli.md and README.md's CLI block are exactly what scripts/gen_cli_docs.py renders from --help."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_cli_docs", os.path.join(ROOT, "scripts", "gen_cli_docs.py"))
@@ -35,3 +35,5 @@ def test_cli_reference_is_current():
     spec.loader.exec_module(gen)
     current = open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8").read()
     assert current == gen.render(), "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert readme == gen.render_readme(readme), "README.md's CLI block is stale: run python scripts/gen_cli_docs.py"

@@ -45,7 +45,9 @@ def test_layers_import_in_one_direction():
 def test_ruff_is_clean():
     # One formatter and linter for the project (STYLE.md); `make lint` runs the same.
     paths = [
-        p for p in ("flax_narrow", "train", "convert", "tests", "benchmarks") if os.path.isdir(os.path.join(ROOT, p))
+        p
+        for p in ("flax_narrow", "train", "convert", "tests", "benchmarks", "scripts")
+        if os.path.isdir(os.path.join(ROOT, p))
     ]
     ruff = os.path.join(os.path.dirname(sys.executable), "ruff")
     for cmd in ([ruff, "check", *paths], [ruff, "format", "--check", *paths]):
