@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="run transformers' PyTorch model and the converted model on the same random batch (fp32), print the "
-        "max abs difference, and fail without writing DST if it exceeds --verify-atol",
+        help="run the PyTorch model (transformers', or flax-narrow's PyTorch NarrowBERT) and the converted model "
+        "on the same random batch (fp32), print the max abs difference, and fail without writing DST if it "
+        "exceeds --verify-atol",
     )
     p.add_argument("--verify-atol", type=float, default=1e-3, metavar="X", help="tolerance of --verify (1e-3)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -85,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="load DST with transformers and compare with the flax-narrow model on a random batch (fp32)",
+        help="load DST with transformers (NarrowBERT: flax-narrow's PyTorch NarrowBERT) and compare with the "
+        "flax-narrow model on a random batch (fp32)",
     )
     p.add_argument("--verify-atol", type=float, default=1e-4, metavar="X", help="tolerance of --verify (1e-4)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

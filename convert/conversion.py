@@ -23,7 +23,7 @@ import numpy as np
 from flax_narrow.config import EncoderConfig, canonical_dtype
 from flax_narrow.convert import keymap, sources, writers
 from flax_narrow.convert.readers import FLAX_WEIGHTS, TensorSource
-from flax_narrow.errors import CheckpointError, ConfigError, FlaxNarrowError
+from flax_narrow.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +353,9 @@ def convert_checkpoint(
       head: which architecture to keep (see :func:`plan_conversion`).
       dtype / param_dtype: compute and parameter dtypes recorded in the config.
       storage_dtype: dtype of the written tensors: None/'param' (= param dtype), 'source', or a dtype name.
-      verify: before renaming into place, run the converted model and transformers' PyTorch model on the same
-        random batch in fp32; fail (leaving nothing) when they differ by more than ``verify_atol``.
+      verify: before renaming into place, run the converted model and the PyTorch model (transformers', or
+        :mod:`flax_narrow.convert.torch_narrowbert` for NarrowBERT) on the same random batch in fp32; fail
+        (leaving nothing) when they differ by more than ``verify_atol``.
 
     Raises:
       CheckpointError / ConfigError: anything wrong with the source, the config or the destination.
@@ -398,42 +399,42 @@ def convert_checkpoint(
 
 
 def verify_conversion(opened: sources.OpenedSource, plan: ConversionPlan, converted_dir: str) -> VerifyResult:
-    """Compare the converted checkpoint with transformers' PyTorch model of the source, in fp32.
+    """Compare the converted checkpoint with the PyTorch model of the source, in fp32.
 
-    HF sources are loaded by transformers itself (independent of our key map). GluonNLP and flax-narrow sources
-    have no transformers reader, so they are compared with an HF export of the converted weights: that checks
-    the model, not the name map.
+    HF sources are loaded by transformers itself (independent of our key map); NarrowBERT, which transformers
+    lacks, by :mod:`flax_narrow.convert.torch_narrowbert` (its own state-dict names, not our key map), and
+    compared on a set of selected rows. GluonNLP and flax-narrow sources have no PyTorch reader, so they are
+    compared with an HF export of the converted weights: that checks the model, not the name map.
     """
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
         return VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.convert.verify import random_batch, verify_against_torch
+    from flax_narrow.convert.verify import NoTorchReference, random_batch, verify_against_torch
     from flax_narrow.pretrained import from_pretrained
 
     cfg = plan.config
-    if cfg.is_narrow:
-        return VerifyResult(skipped="transformers has no NarrowBERT architecture to compare with")
+    torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"
     model = from_pretrained(plan.model_class, converted_dir, dtype="float32", param_dtype="float32")
     batch = random_batch(model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset))
     with tempfile.TemporaryDirectory(prefix=".flax-narrow-verify-") as scratch:
         if opened.kind in ("safetensors", "pytorch"):
-            ref_dir, reference = _hf_view(opened, plan, scratch), "transformers on the source checkpoint"
+            ref_dir, reference = _hf_view(opened, plan, scratch), f"{torch_side} on the source checkpoint"
         else:
             from flax_narrow.convert.export import export_checkpoint
 
             ref_dir = os.path.join(scratch, "hf")
             export_checkpoint(converted_dir, ref_dir, copy_tokenizer=False)
-            reference = "transformers on an HF export of the converted weights"
+            reference = f"{torch_side} on an HF export of the converted weights"
         try:
             v = verify_against_torch(model, ref_dir, batch)
-        except FlaxNarrowError as e:  # no transformers class for this architecture
+        except NoTorchReference as e:  # no PyTorch class for this architecture
             return VerifyResult(skipped=str(e))
-        except Exception as e:  # transformers failed on the reference: the user asked for a check, so fail
+        except Exception as e:  # PyTorch failed on the reference: the user asked for a check, so fail
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise CheckpointError(
-                f"{opened.path}: --verify could not run transformers on the reference ({type(e).__name__}: "
+                f"{opened.path}: --verify could not run {torch_side} on the reference ({type(e).__name__}: "
                 f"{first}); convert without --verify, or report the problem"
             ) from None
     return VerifyResult(v.output, v.shape, v.max_abs_diff, reference)

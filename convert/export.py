@@ -193,26 +193,24 @@ def _verify_export(plan: conversion.ConversionPlan, src: str, exported: str) -> 
         import transformers  # noqa: F401
     except ImportError:
         return conversion.VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.convert.verify import random_batch, verify_against_torch
-    from flax_narrow.errors import FlaxNarrowError
+    from flax_narrow.convert.verify import NoTorchReference, random_batch, verify_against_torch
     from flax_narrow.pretrained import from_pretrained
 
     cfg = plan.config
-    if cfg.is_narrow:
-        return conversion.VerifyResult(skipped="transformers has no NarrowBERT architecture to compare with")
+    torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"
     model = from_pretrained(plan.model_class, src, dtype="float32", param_dtype="float32")
     batch = random_batch(model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset))
     try:
         v = verify_against_torch(model, exported, batch)
-    except FlaxNarrowError as e:  # no transformers class for this architecture
+    except NoTorchReference as e:  # no PyTorch class for this architecture
         return conversion.VerifyResult(skipped=str(e))
-    except Exception as e:  # transformers cannot load the export: that is a failed verification
+    except Exception as e:  # PyTorch cannot load the export: that is a failed verification
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(
-            f"{src}: --verify: transformers could not load the export ({type(e).__name__}: {first}); nothing "
+            f"{src}: --verify: {torch_side} could not load the export ({type(e).__name__}: {first}); nothing "
             "was written"
         ) from None
-    return conversion.VerifyResult(v.output, v.shape, v.max_abs_diff, "transformers on the export")
+    return conversion.VerifyResult(v.output, v.shape, v.max_abs_diff, f"{torch_side} on the export")
 
 
 def describe(report: ExportReport) -> list[str]:

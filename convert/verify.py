@@ -1,4 +1,8 @@
-"""Compare a flax-narrow model with the transformers PyTorch model on the same batch (needs torch)."""
+"""Compare a flax-narrow model with its PyTorch counterpart on the same batch (needs torch).
+
+BERT, BORT and RoBERTa-shaped models are compared with transformers' classes; NarrowBERT (which transformers
+lacks) with the PyTorch NarrowBERT of :mod:`flax_narrow.convert.torch_narrowbert`, on the selected rows.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ TORCH_CLASSES = {
     },
     "roberta": {"BertModel": "RobertaModel", "BertForMaskedLM": "RobertaForMaskedLM"},
 }
+
+
+class NoTorchReference(FlaxNarrowError):
+    """No PyTorch class to compare this architecture with (verification is skipped, not failed)."""
 
 
 @dataclasses.dataclass
@@ -47,14 +55,32 @@ def random_batch(config, batch: int = 2, length: int = 16, seed: int = 0) -> dic
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
+def random_narrow_mask(attention_mask: np.ndarray, fraction: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Rows for a NarrowBERT to compute: about ``fraction`` of each row's real tokens (at least one, never
+    padding), so that rows select different counts and the static-P padding is exercised."""
+    rng = np.random.default_rng(seed)
+    real = np.asarray(attention_mask).astype(bool)
+    sel = (rng.random(real.shape) < fraction) & real
+    empty = np.flatnonzero(~sel.any(axis=1) & real.any(axis=1))
+    sel[empty, real[empty].argmax(axis=1)] = True
+    sel[~real.any(axis=1), 0] = True  # an all-padding row: its first position, as every row needs one
+    return sel
+
+
 def verify_against_torch(
     model,
     checkpoint_dir: str | os.PathLike,
     batch: dict[str, np.ndarray] | None = None,
+    *,
+    narrow_mask: np.ndarray | None = None,
 ) -> Verification:
-    """Run ``model`` and transformers' counterpart loaded from ``checkpoint_dir`` (an HF directory) in fp32.
+    """Run ``model`` and its PyTorch counterpart loaded from ``checkpoint_dir`` (an HF directory) in fp32.
 
-    Compares the main output on non-padded positions and returns the max abs difference.
+    Compares the main output on non-padded positions and returns the max abs difference. NarrowBERT is
+    compared with :mod:`flax_narrow.convert.torch_narrowbert` on the rows of ``narrow_mask`` (bool (B, L);
+    default :func:`random_narrow_mask`) for the base, MLM and token-classification models, and on the CLS
+    row for sequence classification and multiple choice. Multiple-choice models given a (B, L) batch run it
+    as two choices per example (the rows, and the rows reversed).
     """
     try:
         import torch
@@ -63,12 +89,18 @@ def verify_against_torch(
         raise FlaxNarrowError("verification needs torch: pip install 'flax-narrow[torch]'") from None
     cfg = model.config
     name = type(model).hf_architecture
+    batch = dict(batch or random_batch(cfg))
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = np.ones_like(batch["input_ids"])
+    if cfg.type_vocab_size <= 1 or "token_type_ids" not in batch:
+        batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+    if "MultipleChoice" in name and np.ndim(batch["input_ids"]) == 2:
+        batch = {k: np.stack([v, v[::-1]], axis=1) for k, v in batch.items()}
+    if cfg.is_narrow:
+        return _verify_narrow(model, checkpoint_dir, batch, narrow_mask)
     torch_name = TORCH_CLASSES.get("roberta" if cfg.model_type == "roberta" else "bert", {}).get(name)
-    if torch_name is None or cfg.is_narrow:
-        raise FlaxNarrowError(f"no transformers architecture to verify {name} ({cfg.model_type}) against")
-    batch = batch or random_batch(cfg)
-    if cfg.type_vocab_size <= 1:
-        batch = {**batch, "token_type_ids": np.zeros_like(batch["input_ids"])}
+    if torch_name is None:
+        raise NoTorchReference(f"no transformers architecture to verify {name} ({cfg.model_type}) against")
     tmodel = getattr(transformers, torch_name).from_pretrained(os.fspath(checkpoint_dir), dtype=torch.float32)
     tmodel.eval()
     _retie_decoder(tmodel)
@@ -83,6 +115,30 @@ def verify_against_torch(
         diff = np.abs(got - ref)[keep]
     else:
         diff = np.abs(got - ref)
+    return Verification(field, float(diff.max()), tuple(ref.shape))
+
+
+def _verify_narrow(model, checkpoint_dir, batch: dict[str, np.ndarray], narrow_mask) -> Verification:
+    """NarrowBERT against the PyTorch NarrowBERT: logits (hidden states for the base model) on the rows."""
+    from flax_narrow.convert.conversion import canonical_architecture
+    from flax_narrow.convert.torch_narrowbert import TORCH_NARROWBERT_CLASSES, load_torch_narrowbert, run_narrow
+    from flax_narrow.ops import positions_from_mask
+
+    arch = canonical_architecture(type(model).hf_architecture)
+    if arch not in TORCH_NARROWBERT_CLASSES:
+        raise NoTorchReference(f"no PyTorch NarrowBERT architecture to verify {type(model).hf_architecture} against")
+    tmodel = load_torch_narrowbert(checkpoint_dir, arch)
+    field = "last_hidden_state" if arch == "BertModel" else "logits"
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    if arch in ("BertForSequenceClassification", "BertForMultipleChoice"):  # the CLS row of each sequence
+        ref = run_narrow(tmodel, batch)
+        got = np.asarray(getattr(model(*args), field), np.float32)
+        return Verification(field, float(np.abs(got - ref).max()), tuple(ref.shape))
+    sel = random_narrow_mask(batch["attention_mask"]) if narrow_mask is None else np.asarray(narrow_mask, bool)
+    ref = run_narrow(tmodel, batch, sel)  # (B, K, ...): K = the largest count, rows in ascending order
+    positions, valid = positions_from_mask(sel)
+    got = np.asarray(getattr(model(*args, narrow_positions=positions, narrow_valid=valid), field), np.float32)
+    diff = np.abs(got - ref)[np.asarray(valid)]  # P = K: both padded to the largest count
     return Verification(field, float(diff.max()), tuple(ref.shape))
 
 

@@ -139,6 +139,16 @@ def test_verify_prints_difference_and_roberta_is_detected(tmp_path, capsys):
     assert float(line.split("max abs diff ")[1].split()[0]) <= 1e-5
 
 
+def test_verify_multiple_choice_runs_choices(tmp_path, capsys):
+    """A (B, L) verification batch becomes (B, C=2, L) for multiple choice (it used to crash in transformers)."""
+    torch.manual_seed(4)
+    src = save_torch_model(transformers.BertForMultipleChoice(tiny_hf_config()).eval(), tmp_path / "mc")
+    rc, out, err = run_cli(capsys, "convert", src, tmp_path / "out", "--verify")
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("verify:"))
+    assert "logits (2, 2)" in line and float(line.split("max abs diff ")[1].split()[0]) <= 1e-5
+
+
 def test_inspect_reports_format_config_count_dtypes(tmp_path, capsys, mlm_torch):
     src = save_torch_model(mlm_torch, tmp_path / "bin", fmt="bin", dtype=torch.float16)
     rc, out, _ = run_cli(capsys, "inspect", src)
