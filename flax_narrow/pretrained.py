@@ -8,6 +8,7 @@ Sources: a local HF directory (``model.safetensors``, sharded safetensors, ``pyt
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -161,9 +162,11 @@ def from_pretrained(
     _warn_stale_decoder(source, plan)
 
     # Non-parameter state (dropout RNG streams) and fresh parameters come from one jitted constructor call;
-    # XLA drops the random init of every parameter that is loaded, so that costs nothing.
-    want = set(plan.fresh) | {p for p, v in flat_abs.items() if not isinstance(v, nnx.Param)}
-    init_rest = jax.jit(lambda: {p: v.get_value() for p, v in _flat(nnx.state(ctor())).items() if p in want})()
+    # XLA drops the random init of every parameter that is loaded, so that costs nothing. The jitted function
+    # is cached per (class, config, wanted paths) with the seed as an argument: loading the same kind of
+    # checkpoint again compiles nothing.
+    want = frozenset(plan.fresh) | {p for p, v in flat_abs.items() if not isinstance(v, nnx.Param)}
+    init_rest = _jitted_init(cls, config, want)(jax.random.key(seed))
     pdtype = config.params_dtype
     values: dict[str, Any] = dict(init_rest)
     for path, (key, transform) in plan.assignments.items():
@@ -172,6 +175,18 @@ def from_pretrained(
     for path, var in flat_abs.items():
         var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
     return nnx.merge(graphdef, abstract)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(cls: type, config: EncoderConfig, want: frozenset[str]) -> Any:
+    """A jitted ``key -> {path: value}`` of the freshly constructed model's state at the ``want`` paths
+    (``nnx.Rngs(jax.random.key(seed))`` is ``nnx.Rngs(seed)``)."""
+
+    def init(key: jax.Array) -> dict[str, Any]:
+        model = cls(config, rngs=nnx.Rngs(key))
+        return {p: v.get_value() for p, v in _flat(nnx.state(model)).items() if p in want}
+
+    return jax.jit(init)
 
 
 def _warn_stale_decoder(source: readers.TensorSource, plan: keymap.LoadPlan) -> None:

@@ -197,3 +197,34 @@ def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="already exists"):
         m.save_pretrained(tmp_path / "out", overwrite=False)
+
+
+def test_loading_again_compiles_nothing(tmp_path):
+    """The jitted init of fresh heads and RNG state is cached per (class, config, paths), seed as an argument:
+    a second load of the same kind of checkpoint, with any seed, compiles nothing."""
+    import jax
+
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    src = fn.BertForMaskedLM.from_config(fn.EncoderConfig.tiny(vocab_size=101), seed=0).save_pretrained(tmp_path / "m")
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = fn.BertForSequenceClassification.from_pretrained(src, seed=3)
+        assert compiles, "the listener saw no compilation at all: the test would pass vacuously"
+        n = len(compiles)
+        again = fn.BertForSequenceClassification.from_pretrained(src, seed=4)
+        assert len(compiles) == n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # the seed still decides the fresh head, as from_config's (jitted there, eager here: equal up to rounding)
+    fresh = fn.BertForSequenceClassification.from_config(fn.EncoderConfig.tiny(vocab_size=101), seed=4)
+    for got, want in [
+        (again.classifier.kernel, fresh.classifier.kernel),
+        (again.bert.pooler.dense.kernel, fresh.bert.pooler.dense.kernel),
+    ]:
+        np.testing.assert_allclose(got.get_value(), want.get_value(), atol=1e-7)
+    assert not np.allclose(first.classifier.kernel.get_value(), again.classifier.kernel.get_value())
