@@ -237,7 +237,8 @@ def span_text(data: dict[str, Any], i: int, s: int, e: int) -> str:
 
 
 def build_model(task: Task, source: Any, *, seed: int = 0, **overrides: Any) -> Any:
-    """A task model from an ``EncoderConfig`` (random init) or a checkpoint path, sized for ``task``."""
+    """A task model from an ``EncoderConfig`` (random init) or a checkpoint (local path or hub id, resolved as
+    ``from_pretrained`` resolves it), sized for ``task``."""
     from flax_narrow.config import EncoderConfig
 
     fields: dict[str, Any] = {"num_labels": task.num_labels, "problem_type": task.problem_type, **overrides}
@@ -248,11 +249,12 @@ def build_model(task: Task, source: Any, *, seed: int = 0, **overrides: Any) -> 
     if isinstance(source, EncoderConfig):
         cfg = source.replace(**fields)
         return tasks_lib.model_class(task, cfg.is_narrow).from_config(cfg, seed=seed)
-    from flax_narrow.pretrained import read_checkpoint_config
+    from flax_narrow.pretrained import read_checkpoint_config, resolve_path
 
-    base, _, _ = read_checkpoint_config(str(source))
+    local = resolve_path(source)  # a hub id becomes its downloaded snapshot, once
+    base, _, _ = read_checkpoint_config(local if os.path.isdir(local) else os.path.dirname(local))
     cls = tasks_lib.model_class(task, base.is_narrow)
-    return cls.from_pretrained(str(source), seed=seed, **fields)
+    return cls.from_pretrained(local, seed=seed, **fields)
 
 
 # ------------------------------------------------------------------------------------------------ the loop

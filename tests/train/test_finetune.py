@@ -110,3 +110,29 @@ def test_truncation_fits_max_length(fmt):
     toks = tok.convert_ids_to_tokens(b["input_ids"][1].tolist())
     seps = ["[SEP]"] * (2 if fmt == "double_sep" else 1)
     assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and toks[-3 - len(seps) : -3] == seps
+
+
+def test_build_model_resolves_hub_ids_as_from_pretrained_does(tmp_path, monkeypatch):
+    """A hub id goes through ``resolve_path`` (the resolver ``from_pretrained`` uses), not straight to a
+    config.json read; a fake hub id mapped to a local directory stands in for the network."""
+    import flax_narrow.pretrained as pretrained
+    from flax_narrow.errors import CheckpointError
+    from flax_narrow.modeling import NarrowBertForMaskedLM
+
+    local = NarrowBertForMaskedLM.from_config(EncoderConfig.tiny_narrowbert(), seed=0).save_pretrained(tmp_path / "c")
+    task = Task("classification", ("neg", "pos", "mixed"))
+    with pytest.raises(CheckpointError, match="org/name: not a local path, and downloading it from the hub failed"):
+        build_model(task, "org/name")  # offline (conftest): the resolver's error, not "no config.json"
+    asked = []
+    real = pretrained.resolve_path
+
+    def fake_hub(path, **kw):
+        asked.append(os.fspath(path))
+        return local if os.fspath(path) == "org/name" else real(path, **kw)
+
+    monkeypatch.setattr(pretrained, "resolve_path", fake_hub)
+    model = build_model(task, "org/name", seed=1)
+    assert asked and asked[0] == "org/name"
+    assert type(model).__name__ == "NarrowBertForSequenceClassification"
+    assert model.config.label_names == ("neg", "pos", "mixed") and model.config.is_narrow
+    assert type(build_model(task, local)).__name__ == "NarrowBertForSequenceClassification"  # a local directory
