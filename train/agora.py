@@ -135,12 +135,17 @@ class ClassifierLabeller:
     task: Task
     encoder: Encoder
     batch_size: int = 64
+    # (graphdef, jitted eval step), built on the first call and reused every round (it compiles once per
+    # shape); rebuilt only if ``model`` is replaced by one of another structure.
+    _eval: tuple[Any, Any] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, examples: Sequence[Example]) -> list[Any]:
         if not examples:
             return []
         graphdef, params, rest = split_model(self.model)
-        ev = make_eval_step(graphdef, forward_fn(self.task, "standard"))
+        if self._eval is None or self._eval[0] != graphdef:
+            self._eval = (graphdef, make_eval_step(graphdef, forward_fn(self.task, "standard")))
+        ev = self._eval[1]
         _, pred = evaluate(self.task, ev, params, rest, self.encoder.encode(self.task, examples), self.batch_size)
         if self.task.kind == "regression":
             return [float(x) for x in pred]

@@ -15,6 +15,7 @@ from flax_narrow.modeling.bert import BertForMaskedLM
 from flax_narrow.train.agora import (
     AgoraConfig,
     CallableLabeller,
+    ClassifierLabeller,
     KeepBetterHalf,
     MLMInfill,
     NotesPrefixRule,
@@ -55,6 +56,32 @@ def test_mlm_infill_changes_tokens_and_keeps_fields():
     assert len(out) == 3 and all("label" not in o for o in out)
     assert all(o["text_a"] != ex["text_a"] for o in out)
     assert all(len(o["text_a"].split()) >= 1 and o["text_b"] for o in out)
+
+
+def test_classifier_labeller_compiles_once_across_rounds():
+    import jax
+
+    tok = H.tokenizer()
+    task = Task("classification", ("neg", "pos"))
+    model = build_model(task, EncoderConfig.tiny(vocab_size=len(tok)), seed=0)
+    labeller = ClassifierLabeller(model, task, Encoder(tok, max_length=16), batch_size=8)
+    examples = [{k: v for k, v in e.items() if k != "label"} for e in H.classification(np.random.default_rng(0), 12)]
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = labeller(examples[:5])
+        assert compiles, "no compilation seen at all: the count below would prove nothing"
+        n = len(compiles)
+        second = labeller(examples[5:])  # another round, another count of examples: same padded batch shape
+        assert len(compiles) == n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(first) == 5 and len(second) == 7 and set(first + second) <= {"neg", "pos"}
 
 
 @pytest.mark.slow
