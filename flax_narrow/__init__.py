@@ -7,7 +7,8 @@ Quickstart::
 """
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.errors import CheckpointError, ConfigError, FlaxNarrowError, NarrowOverflowError
+from flax_narrow.errors import CheckpointError, ConfigError, FlaxNarrowError, InputError, NarrowOverflowError
+from flax_narrow.inference import fill_mask
 from flax_narrow.modeling import (
     MODEL_CLASSES,
     BertForMaskedLM,
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FlaxNarrowError",
+    "InputError",
     "NarrowOverflowError",
     "MODEL_CLASSES",
     "BertModel",
@@ -57,6 +59,7 @@ __all__ = [
     "positions_from_mask",
     "scatter_rows",
     "load_tokenizer",
+    "fill_mask",
     "NarrowBertModel",
     "NarrowBertForMaskedLM",
     "NarrowBertForSequenceClassification",

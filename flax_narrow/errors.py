@@ -17,3 +17,7 @@ class CheckpointError(FlaxNarrowError):
 
 class NarrowOverflowError(FlaxNarrowError, ValueError):
     """More positions were selected in a row than the static budget P allows."""
+
+
+class InputError(FlaxNarrowError, ValueError):
+    """An input (a text, a batch, a tokenizer) cannot be used as asked, e.g. a fill-mask text without a mask."""
