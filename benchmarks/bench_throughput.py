@@ -365,14 +365,15 @@ def main(argv=None) -> int:
         ratios.append(f"L={length}: XLA compilations during the timed rounds: {recompiles}")
     print("\n".join(ratios))
     print(
-        "\n| workload | L | rows | seq/s (best) | seq/s (median) | ms/step | TFLOP/s | MFU | compile s | memory "
-        "| notes |"
+        "\n| workload | L | rows | seq/s (best) | seq/s (median) | tokens/s | ms/step | TFLOP/s | MFU | compile s "
+        "| memory | notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "—"
         print(
             f"| {r['workload']} | {r['length']} | {r['rows']} | {r['seq_s_best']:.2f} | {r['seq_s_median']:.2f} "
+            f"| {r['seq_s_best'] * r['length']:.0f} "
             f"| {r['ms_best']:.1f} | {r['tflops']:.2f} | {mfu} | {r['compile_s']:.1f} | {r['memory_mib']:.0f} MiB "
             f"| {r['note']} |"
         )

@@ -76,9 +76,11 @@ def _take_rows_fwd(table, ids):
 
 def _take_rows_bwd(res, g):
     ids, n = res
-    one_hot = jax.nn.one_hot(ids, n, dtype=g.dtype)
-    grad = jnp.einsum("...n,...h->nh", one_hot, g, precision=jax.lax.Precision.HIGHEST)
-    return grad, None
+    one_hot = jax.nn.one_hot(ids, n, dtype=g.dtype)  # exact 0/1 in any dtype; the sums accumulate in fp32
+    grad = jnp.einsum(
+        "...n,...h->nh", one_hot, g, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+    return grad.astype(g.dtype), None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
