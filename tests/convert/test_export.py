@@ -17,7 +17,7 @@ from conftest import max_diff, save_torch_model, tiny_hf_config, torch_run
 from convert_helpers import assert_one_line_error, listing, run_cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "modeling"))
-from narrow_reference import RefForMaskedLM, randomize, save_authors_checkpoint, save_port_checkpoint  # noqa: E402
+from narrow_reference import TINY_NARROW, RefForMaskedLM, randomize, save_authors_checkpoint, save_port_checkpoint  # noqa: E402
 
 
 def _keys(path) -> list[str]:
@@ -88,17 +88,7 @@ def test_roberta_mlm_round_trip(tmp_path, capsys):
     assert max_diff(torch_run(reloaded, batch).logits.numpy(), torch_run(original, batch).logits) == 0.0
 
 
-NARROW = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=4,
-    full_length_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-)
+NARROW = TINY_NARROW
 
 
 @pytest.mark.parametrize("layout", ["authors", "port"])

@@ -21,19 +21,9 @@ from flax_narrow.convert.verify import random_batch, random_narrow_mask, verify_
 from flax_narrow.errors import CheckpointError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "modeling"))
-from narrow_reference import randomize, save_authors_checkpoint, save_port_checkpoint  # noqa: E402
+from narrow_reference import TINY_NARROW, randomize, save_authors_checkpoint, save_port_checkpoint  # noqa: E402
 
-CFG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=4,
-    full_length_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-)
+CFG = TINY_NARROW
 
 
 def _verify_diff(out: str) -> float:

@@ -23,7 +23,21 @@ RefForSequenceClassification = _torch_narrowbert.TorchNarrowBertForSequenceClass
 RefForMultipleChoice = _torch_narrowbert.TorchNarrowBertForMultipleChoice
 RefForTokenClassification = _torch_narrowbert.TorchNarrowBertForTokenClassification
 
+# The tiny NarrowBERT (2 full + 2 narrow layers) the parity, export and PyTorch-loader tests share.
+TINY_NARROW = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=4,
+    full_length_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=40,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+)
+
 __all__ = [
+    "TINY_NARROW",
     "RefNarrowBert",
     "RefForMaskedLM",
     "RefForSequenceClassification",

@@ -12,6 +12,7 @@ from flax import nnx
 import flax_narrow as fn
 from flax_narrow.errors import ConfigError
 from narrow_reference import (
+    TINY_NARROW,
     RefForMaskedLM,
     RefForMultipleChoice,
     RefForSequenceClassification,
@@ -22,17 +23,7 @@ from narrow_reference import (
 )
 
 ATOL = 1e-5
-CFG = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=4,
-    full_length_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-)
+CFG = TINY_NARROW
 
 
 @pytest.fixture
