@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from flax_narrow.convert.conversion import HEADS
 from flax_narrow.errors import CheckpointError
+
+from .conversion import HEADS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -135,7 +136,7 @@ def _quiet_transformers(args: argparse.Namespace) -> None:
 
 @_os_errors_as_one_line
 def _convert(args: argparse.Namespace) -> int:
-    from flax_narrow.convert import conversion
+    from . import conversion
 
     _quiet_transformers(args)
 
@@ -160,7 +161,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 @_os_errors_as_one_line
 def _export(args: argparse.Namespace) -> int:
-    from flax_narrow.convert import export
+    from . import export
 
     _quiet_transformers(args)
 
@@ -179,7 +180,7 @@ def _export(args: argparse.Namespace) -> int:
 
 @_os_errors_as_one_line
 def _inspect(args: argparse.Namespace) -> int:
-    from flax_narrow.convert import inspection
+    from . import inspection
 
     report = inspection.inspect_checkpoint(args.src, config=args.config, head=args.head)
     if args.json:

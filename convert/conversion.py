@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from flax_narrow.config import EncoderConfig, canonical_dtype
-from flax_narrow.convert import keymap, sources, writers
-from flax_narrow.convert.readers import FLAX_WEIGHTS, TensorSource
 from flax_narrow.errors import CheckpointError, ConfigError
+
+from . import keymap, sources, writers
+from .readers import FLAX_WEIGHTS, TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +412,9 @@ def verify_conversion(opened: sources.OpenedSource, plan: ConversionPlan, conver
         import transformers  # noqa: F401
     except ImportError:
         return VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.convert.verify import NoTorchReference, random_batch, verify_against_torch
     from flax_narrow.pretrained import from_pretrained
+
+    from .verify import NoTorchReference, random_batch, verify_against_torch
 
     cfg = plan.config
     torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"
@@ -422,7 +424,7 @@ def verify_conversion(opened: sources.OpenedSource, plan: ConversionPlan, conver
         if opened.kind in ("safetensors", "pytorch"):
             ref_dir, reference = _hf_view(opened, plan, scratch), f"{torch_side} on the source checkpoint"
         else:
-            from flax_narrow.convert.export import export_checkpoint
+            from .export import export_checkpoint
 
             ref_dir = os.path.join(scratch, "hf")
             export_checkpoint(converted_dir, ref_dir, copy_tokenizer=False)

@@ -25,8 +25,9 @@ import shutil
 import numpy as np
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.convert import conversion, keymap, sources, writers
 from flax_narrow.errors import CheckpointError
+
+from . import conversion, keymap, sources, writers
 
 HF_WEIGHTS = "model.safetensors"
 EXPORT_RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -193,8 +194,9 @@ def _verify_export(plan: conversion.ConversionPlan, src: str, exported: str) -> 
         import transformers  # noqa: F401
     except ImportError:
         return conversion.VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.convert.verify import NoTorchReference, random_batch, verify_against_torch
     from flax_narrow.pretrained import from_pretrained
+
+    from .verify import NoTorchReference, random_batch, verify_against_torch
 
     cfg = plan.config
     torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"

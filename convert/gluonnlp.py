@@ -27,8 +27,9 @@ import struct
 import numpy as np
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.convert.readers import TensorSource
 from flax_narrow.errors import CheckpointError, ConfigError
+
+from .readers import TensorSource
 
 log = logging.getLogger(__name__)
 

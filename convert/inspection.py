@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.convert import conversion, sources
 from flax_narrow.errors import FlaxNarrowError
+
+from . import conversion, sources
 
 
 @dataclasses.dataclass

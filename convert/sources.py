@@ -14,8 +14,9 @@ import os
 from typing import Any
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.convert import gluonnlp, readers
 from flax_narrow.errors import CheckpointError, ConfigError
+
+from . import gluonnlp, readers
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -5,7 +5,7 @@ transformers has no NarrowBERT, so this is the PyTorch model that
 :func:`flax_narrow.convert.verify.verify_against_torch` (and ``flax-narrow convert/export --verify``) compares
 flax-narrow's NarrowBERT with, and the one to use for your own PyTorch comparisons::
 
-    from flax_narrow.convert.torch_narrowbert import load_torch_narrowbert
+    from .torch_narrowbert import load_torch_narrowbert
     ref = load_torch_narrowbert("path/to/narrowbert-hf")            # authors' or port layout, or a hub id
     logits, _ = ref(input_ids, attention_mask, token_type_ids, narrow_mask=mask)   # (B, K, V): masked rows
 
@@ -255,7 +255,7 @@ def load_torch_narrowbert(
       CheckpointError: not an HF-layout checkpoint, or missing / unexpected / mis-shaped weights (all named).
       ConfigError: an architecture without a PyTorch NarrowBERT class.
     """
-    from flax_narrow.convert import conversion, sources
+    from . import conversion, sources
 
     opened = sources.open_source(os.fspath(path_or_hub_id), config=config, revision=revision)
     try:

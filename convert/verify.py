@@ -120,9 +120,10 @@ def verify_against_torch(
 
 def _verify_narrow(model, checkpoint_dir, batch: dict[str, np.ndarray], narrow_mask) -> Verification:
     """NarrowBERT against the PyTorch NarrowBERT: logits (hidden states for the base model) on the rows."""
-    from flax_narrow.convert.conversion import canonical_architecture
-    from flax_narrow.convert.torch_narrowbert import TORCH_NARROWBERT_CLASSES, load_torch_narrowbert, run_narrow
     from flax_narrow.ops import positions_from_mask
+
+    from .conversion import canonical_architecture
+    from .torch_narrowbert import TORCH_NARROWBERT_CLASSES, load_torch_narrowbert, run_narrow
 
     arch = canonical_architecture(type(model).hf_architecture)
     if arch not in TORCH_NARROWBERT_CLASSES:

@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_narrow.train import candidates as cand_lib
-from flax_narrow.train.candidates import Candidate
-from flax_narrow.train.finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
-from flax_narrow.train.finetune_data import Encoder
-from flax_narrow.train.tasks import Task
+from . import candidates as cand_lib
+from .candidates import Candidate
+from .finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
+from .finetune_data import Encoder
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_narrow.train.finetune import (
+from .finetune import (
     FinetuneConfig,
     adam_init,
     bort_head_init,
@@ -28,8 +28,8 @@ from flax_narrow.train.finetune import (
     make_train_step,
     split_model,
 )
-from flax_narrow.train.finetune_data import batches
-from flax_narrow.train.tasks import Task
+from .finetune_data import batches
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 

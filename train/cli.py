@@ -82,7 +82,7 @@ def register(sub) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The PretrainConfig from the parsed arguments."""
-    from flax_narrow.train.config import load_config
+    from .config import load_config
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
@@ -139,8 +139,8 @@ def _cli(args: argparse.Namespace) -> int:
     init_distributed(args)
     import jax
 
-    from flax_narrow.train.loop import pretrain
-    from flax_narrow.train.runtime import enable_compilation_cache
+    from .loop import pretrain
+    from .runtime import enable_compilation_cache
 
     enable_compilation_cache(cfg.train.compilation_cache_dir)
 

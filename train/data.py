@@ -32,7 +32,8 @@ import grain
 import numpy as np
 
 from flax_narrow.errors import ConfigError
-from flax_narrow.train.config import DataConfig
+
+from .config import DataConfig
 
 log = logging.getLogger(__name__)
 

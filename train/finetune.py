@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flax_narrow.train import tasks as tasks_lib
-from flax_narrow.train.finetune_data import batches
-from flax_narrow.train.tasks import Task
+from . import tasks as tasks_lib
+from .finetune_data import batches
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import logging
 from typing import Any
 
 from flax_narrow.errors import FlaxNarrowError
-from flax_narrow.train.tasks import TASKS
+
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _presets() -> list[str]:
-    from flax_narrow.train.finetune_data import PRESETS
+    from .finetune_data import PRESETS
 
     return sorted(PRESETS)
 
@@ -76,8 +77,9 @@ def register(subparsers: Any) -> None:
 def _prepare(args: argparse.Namespace):
     from flax_narrow.config import EncoderConfig
     from flax_narrow.tokenization import load_tokenizer
-    from flax_narrow.train.finetune_data import PRESETS, Encoder, infer_label_names, load_examples
-    from flax_narrow.train.tasks import Task
+
+    from .finetune_data import PRESETS, Encoder, infer_label_names, load_examples
+    from .tasks import Task
 
     columns: dict[str, Any] = {}
     for item in args.column:
@@ -108,7 +110,7 @@ def _prepare(args: argparse.Namespace):
 
 
 def _finetune_config(args: argparse.Namespace):
-    from flax_narrow.train.finetune import FinetuneConfig
+    from .finetune import FinetuneConfig
 
     return FinetuneConfig(
         learning_rate=args.lr,
@@ -125,10 +127,10 @@ def _finetune_config(args: argparse.Namespace):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from flax_narrow.train.runtime import enable_compilation_cache
+    from .runtime import enable_compilation_cache
 
     enable_compilation_cache("auto")  # JAX_COMPILATION_CACHE_DIR wins; see train/runtime.py
-    from flax_narrow.train.finetune import build_model, finetune
+    from .finetune import build_model, finetune
 
     task, enc, train, dev, test, source = _prepare(args)
     cfg = _finetune_config(args)
@@ -145,13 +147,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_agora_cli(args: argparse.Namespace) -> int:
-    from flax_narrow.train.runtime import enable_compilation_cache
+    from .runtime import enable_compilation_cache
 
     enable_compilation_cache("auto")  # JAX_COMPILATION_CACHE_DIR wins; see train/runtime.py
     from flax_narrow.modeling.bert import BertForMaskedLM
-    from flax_narrow.train import agora
-    from flax_narrow.train.candidates import Candidate, bort_grid
-    from flax_narrow.train.finetune import build_model
+
+    from . import agora
+    from .candidates import Candidate, bort_grid
+    from .finetune import build_model
 
     task, enc, train, dev, _, source = _prepare(args)
     if args.theta == "bort":

@@ -24,7 +24,8 @@ import numpy as np
 
 from flax_narrow.errors import FlaxNarrowError
 from flax_narrow.modeling.losses import IGNORE_INDEX
-from flax_narrow.train.tasks import Task
+
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,16 @@ from flax import nnx
 
 from flax_narrow.errors import ConfigError, FlaxNarrowError
 from flax_narrow.modeling import BertForMaskedLM
-from flax_narrow.train import checkpoint as ckpt
-from flax_narrow.train import data as D
-from flax_narrow.train import flops as F
-from flax_narrow.train import sharding as shd
-from flax_narrow.train import step as S
-from flax_narrow.train.config import PretrainConfig
-from flax_narrow.train.masking import MaskingSpec
-from flax_narrow.train.metrics import MetricsWriter, progress_bar
-from flax_narrow.train.optimizer import learning_rate_schedule, make_optimizer
+
+from . import checkpoint as ckpt
+from . import data as D
+from . import flops as F
+from . import sharding as shd
+from . import step as S
+from .config import PretrainConfig
+from .masking import MaskingSpec
+from .metrics import MetricsWriter, progress_bar
+from .optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +455,8 @@ def restore_model(
     (default: one device), e.g. to evaluate or ``save_pretrained`` a run. The data-iterator state is not read.
     """
     from flax_narrow.errors import CheckpointError
-    from flax_narrow.train.config import MeshConfig, config_from_dict
+
+    from .config import MeshConfig, config_from_dict
 
     path = os.path.join(os.path.expanduser(run_dir), "config.json")
     if not os.path.isfile(path):

@@ -13,7 +13,7 @@ import jax
 import optax
 from flax import nnx
 
-from flax_narrow.train.config import TrainConfig
+from .config import TrainConfig
 
 # Parameter names (last path element) that take weight decay: Linear kernels and embedding tables.
 DECAYED_NAMES = frozenset({"kernel", "embedding"})

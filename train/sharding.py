@@ -18,7 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_narrow.errors import ConfigError
-from flax_narrow.train.config import MeshConfig
+
+from .config import MeshConfig
 
 log = logging.getLogger(__name__)
 

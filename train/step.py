@@ -25,10 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_narrow.config import EncoderConfig
 from flax_narrow.modeling import BertForMaskedLM
-from flax_narrow.train import sharding as shd
-from flax_narrow.train.config import KDConfig
-from flax_narrow.train.masking import MaskingSpec, mask_tokens
-from flax_narrow.train.objectives import kd_sum, mlm_sums
+
+from . import sharding as shd
+from .config import KDConfig
+from .masking import MaskingSpec, mask_tokens
+from .objectives import kd_sum, mlm_sums
 
 log = logging.getLogger(__name__)
 
