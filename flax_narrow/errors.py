@@ -21,3 +21,12 @@ class NarrowOverflowError(FlaxNarrowError, ValueError):
 
 class InputError(FlaxNarrowError, ValueError):
     """An input (a text, a batch, a tokenizer) cannot be used as asked, e.g. a fill-mask text without a mask."""
+
+
+class UntrainedModelError(FlaxNarrowError, ValueError):
+    """A model is used in a role that needs training it never had, e.g. an MLM with a randomly initialised head
+    as Agora's infilling transformation."""
+
+
+class LabellerError(FlaxNarrowError, ValueError):
+    """Agora's labeller S fails the procedure's condition (accuracy >= 2/3 on the probe part of the dev set)."""

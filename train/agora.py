@@ -32,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import augment, collapse
 from . import candidates as cand_lib
 from .candidates import Candidate
 from .finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
 from .finetune_data import Encoder
+from .labeller import MIN_ACCURACY, PreviousBestLabeller, check_labeller, probe_accuracy
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,9 @@ class MLMInfill:
     """Default g: mask ~``mask_prob`` of a text's tokens and sample replacements from one of our MLM models.
 
     ``model`` is a ``BertForMaskedLM`` (BORT/BERT/NarrowBERT with dense output) sharing ``tokenizer``'s
-    vocabulary; ``fields`` are the text fields to rewrite; ``temperature`` scales the logits.
+    vocabulary; ``fields`` are the text fields to rewrite; ``temperature`` scales the logits. An MLM whose head
+    was never trained is refused (:func:`augment.check_mlm_head`; ``run_agora`` also calls :meth:`check` on the
+    train texts) unless ``allow_untrained``.
     """
 
     model: Any
@@ -76,8 +80,10 @@ class MLMInfill:
     max_length: int = 64
     temperature: float = 1.0
     fields: tuple[str, ...] = ("text_a", "text_b")
+    allow_untrained: bool = False
 
     def __post_init__(self) -> None:
+        augment.check_mlm_head(self.model, allow_untrained=self.allow_untrained)
         graphdef, state = nnx.split(self.model)
         self._state = state
         self._logits = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(ids, mask).logits)
@@ -92,6 +98,11 @@ class MLMInfill:
         for out in outs:
             out.pop("label", None)
         return outs
+
+    def check(self, texts: Sequence[str]) -> None:
+        """Refuse the MLM if it predicts ``texts``' masked tokens no better than their unigram distribution."""
+        augment.check_infiller(self.model, self.tokenizer, texts, allow_untrained=self.allow_untrained,
+                               max_length=self.max_length)  # fmt: skip
 
     def infill(self, text: str, k: int, rng: np.random.Generator) -> list[str]:
         """``k`` rewrites of ``text``; every masked token is replaced by a different token."""
@@ -240,16 +251,31 @@ def run_agora(
     theta: Sequence[Candidate],
     model_factory: Callable[[int], Any],
     transform: Transformation,
-    labeller: Labeller,
+    labeller: Labeller | None,
     cfg: AgoraConfig,
     prune: PruningRule = KeepBetterHalf(),
+    *,
+    min_labeller_accuracy: float = MIN_ACCURACY,
 ) -> AgoraResult:
-    """Run (or resume) the procedure; see the module docstring. ``model_factory(seed)`` -> a fresh task model."""
+    """Run (or resume) the procedure; see the module docstring. ``model_factory(seed)`` -> a fresh task model.
+
+    ``labeller=None`` uses the previous round's best candidate (:class:`labeller.PreviousBestLabeller`); a given
+    S must reach ``min_labeller_accuracy`` on the probe part (:class:`~flax_narrow.errors.LabellerError`
+    otherwise). A transformation with a ``check(texts)`` method (``MLMInfill``) is checked on the train texts.
+    Candidates whose probe predictions collapse (:mod:`collapse`) rank below every healthy one.
+    """
     if task.kind not in ("classification", "regression"):
         raise ValueError(f"Agora mines mistakes of sequence classification/regression, not {task.kind!r}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     probe, heldout = split_dev(dev, cfg.probe_fraction, cfg.seed)
     probe_data, heldout_data = encoder.encode(task, probe), encoder.encode(task, heldout)
+    if labeller is None:
+        labeller = PreviousBestLabeller(task, encoder, cfg.finetune.eval_batch_size)
+    else:
+        log.info("labeller S: accuracy %.4f on the probe part",
+                 check_labeller(labeller, task, encoder, probe, min_labeller_accuracy))  # fmt: skip
+    if hasattr(transform, "check"):
+        transform.check([str(e.get("text_a", "")) for e in train])
     added: list[Example] = []
     remaining, rounds = list(theta), []
     r = 0
@@ -260,6 +286,8 @@ def run_agora(
         remaining = [Candidate(**c) for c in state["theta_left"]]
         added += _read_jsonl(os.path.join(_round_dir(cfg.out_dir, r), "added.jsonl"))
         r += 1
+    if rounds and isinstance(labeller, PreviousBestLabeller):
+        labeller.update(_load_round_model(model_factory, cfg.out_dir, r - 1))
     if rounds:
         log.info("resuming after round %d (%d candidates left, %d points added)", r - 1, len(remaining), len(added))
     max_rounds = cfg.max_rounds if cfg.max_rounds is not None else len(theta)
@@ -272,7 +300,7 @@ def run_agora(
         this_theta = last_theta if replay else remaining
         rounds.append(
             _round(task, encoder, list(train) + added, probe, probe_data, heldout_data, this_theta, model_factory,
-                   transform, labeller, prune, cfg, r, replay, added)
+                   transform, labeller, prune, cfg, r, replay, added, min_labeller_accuracy)
         )  # fmt: skip
         if replay:
             replays_done += 1
@@ -280,14 +308,14 @@ def run_agora(
             last_theta = list(this_theta)
             remaining = [Candidate(**c) for c in rounds[-1]["theta_left"]]
         r += 1
-    best = max(rounds, key=lambda s: s["heldout"])
+    best = max(rounds, key=lambda s: (not s.get("heldout_collapsed", False), s["heldout"]))
     _write_summary(cfg.out_dir, rounds, best)
     model = _load_round_model(model_factory, cfg.out_dir, best["round"])
     return AgoraResult(model, best["round"], best["heldout"], rounds)
 
 
 def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory, transform, labeller, prune, cfg,
-           r, replay, added) -> dict[str, Any]:  # fmt: skip
+           r, replay, added, min_acc=MIN_ACCURACY) -> dict[str, Any]:  # fmt: skip
     t0 = time.perf_counter()
     data = encoder.encode(task, train)
     models: list[Any] = []
@@ -296,7 +324,7 @@ def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory
         models += trainer(factory, task, data, group, cfg.finetune)
     order = [c for g in cand_lib.groups(theta) for c in g]
     metric = task.selection_metric
-    scores, preds = [], []
+    scores, preds, guards = [], [], []
     graphdef = split_model(models[0])[0]
     ev = make_eval_step(graphdef, forward_fn(task, "standard"))
     for m in models:
@@ -304,17 +332,31 @@ def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory
         met, pred = evaluate(task, ev, params, rest, probe_data, cfg.finetune.eval_batch_size)
         scores.append(met[metric])
         preds.append(pred)
-    ranked = sorted(zip(order, scores, range(len(order))), key=lambda x: -x[1])
+        guards.append(collapse.detect(task.kind, pred, probe_data["labels"]))
+    # Best first; collapsed candidates count as failed and rank after every healthy one.
+    ranked = [(order[i], scores[i], i) for i in collapse.rank(scores, guards)]
     best_c, best_score, bi = ranked[0]
     _, params, rest = split_model(models[bi])
-    held, _ = evaluate(task, ev, params, rest, heldout_data, cfg.finetune.eval_batch_size)
+    held, held_pred = evaluate(task, ev, params, rest, heldout_data, cfg.finetune.eval_batch_size)
+    held_guard = collapse.detect(task.kind, held_pred, heldout_data["labels"])
+    collapse.warn(held_guard, f"agora round {r} best candidate {best_c.name} (held-out part)")
     rdir = _round_dir(cfg.out_dir, r)
     models[bi].save_pretrained(os.path.join(rdir, "best"))
     # Mistakes of the best model on the probe part -> g -> S -> D.
     mistakes = _mistakes(task, probe, probe_data, preds[bi])[: cfg.max_mistakes]
     rng = np.random.default_rng(cfg.seed * 1000 + r)
     new = [p for ex in mistakes for p in transform(ex, cfg.points_per_mistake, rng)]
-    labels = labeller(new)
+    s_acc = float("nan")
+    if isinstance(labeller, PreviousBestLabeller):  # default S: the previous round's best (round 0: its own)
+        if labeller.model is None:
+            labeller.update(models[bi])
+        s_acc = probe_accuracy(labeller, task, encoder, probe)
+        if s_acc < min_acc:
+            log.warning("round %d: default labeller accuracy %.4f < %.4f on the probe part; no points added",
+                        r, s_acc, min_acc)  # fmt: skip
+            new = []
+        labeller.update(models[bi])
+    labels = labeller(new) if new else []
     for p, y in zip(new, labels):
         p["label"] = y
     added += new
@@ -334,6 +376,9 @@ def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory
         "heldout": held[metric],
         "metric": metric,
         "mistakes": len(mistakes),
+        "collapsed": [c.name for c, _, i in ranked if collapse.is_failed(guards[i])],
+        "heldout_collapsed": collapse.is_failed(held_guard),
+        "labeller_accuracy": None if s_acc != s_acc else s_acc,
         "added": len(new),
         "added_labels": dict(dist),
         "train_size": len(train) + len(new),

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from . import collapse
 from . import tasks as tasks_lib
 from .finetune_data import batches
 from .tasks import Task
@@ -265,6 +266,7 @@ class FinetuneResult:
     history: list[dict[str, Any]]
     model: Any  # the best model (an nnx module)
     predictions: Any = None
+    collapsed: bool = False  # the best model's dev predictions collapsed (train/collapse.py)
 
 
 def finetune(
@@ -299,6 +301,7 @@ def finetune(
     per_epoch = max(n // cfg.batch_size, 1)
     eval_every = cfg.eval_every or per_epoch
     best, best_step, best_params, bad, history = -math.inf, -1, None, 0, []
+    best_guard = None
     step, t0, losses = 0, time.perf_counter(), []
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -309,18 +312,21 @@ def finetune(
             step += 1
             losses.append(loss)
             if step % eval_every == 0 or step == total:
-                metrics, _ = evaluate(task, eval_step, params, rest, dev, cfg.eval_batch_size, dev_refs)
+                metrics, dev_pred = evaluate(task, eval_step, params, rest, dev, cfg.eval_batch_size, dev_refs)
                 loss_val = float(np.mean(jax.device_get(losses)))
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"training loss is {loss_val} at step {step}; lower the learning rate")
                 rec = {"step": step, "epoch": step / per_epoch, "train_loss": loss_val, **metrics}
+                gold = reference_labels(task, dev) if dev_refs is None else dev_refs
+                guard = collapse.detect(task.kind, dev_pred, gold)
+                rec.update(guard.fields() if guard else {})
                 rec["time_s"] = round(time.perf_counter() - t0, 2)
                 history.append(rec)
                 losses = []
                 log.info("step %d: %s", step, json.dumps(rec))
                 score = metrics.get(metric_name, -math.inf)
                 if score > best:
-                    best, best_step, bad = score, step, 0
+                    best, best_step, bad, best_guard = score, step, 0, guard
                     best_params = jax.tree.map(jnp.copy, (params, rest))
                 else:
                     bad += 1
@@ -334,6 +340,8 @@ def finetune(
         best_params = jax.tree.map(jnp.copy, (params, rest))
     best_model = nnx.merge(graphdef, *best_params)
     result = FinetuneResult(best, best_step, history, best_model)
+    result.collapsed = collapse.is_failed(best_guard)
+    collapse.warn(best_guard, "fine-tuning run (its best dev evaluation)")
     if test is not None:
         _, pred = evaluate(task, eval_step, *best_params, test, cfg.eval_batch_size, refs=None)
         result.predictions = readable(task, pred, test)
@@ -348,6 +356,8 @@ def _write_outputs(output_dir: str, task: Task, result: FinetuneResult, cfg: Fin
         for rec in result.history:
             fh.write(json.dumps(rec) + "\n")
     summary = {"best_metric": result.best_metric, "best_step": result.best_step, "metric": task.selection_metric}
+    best_rec = next((h for h in result.history if h["step"] == result.best_step), {})
+    summary["collapse"] = {k: v for k, v in best_rec.items() if k in collapse.FIELD_NAMES} or None
     summary["config"] = dataclasses.asdict(cfg)
     with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)

@@ -63,8 +63,11 @@ def register(subparsers: Any) -> None:
     _data_args(a)
     _train_args(a)
     a.add_argument("--theta", default="small", help="'bort' (the released 480-set grid), 'small', or a JSON file")
-    a.add_argument("--mlm", required=True, help="MLM checkpoint dir for the infilling transformation g")
-    a.add_argument("--labeller", required=True, help="fine-tuned classifier checkpoint dir (S)")
+    a.add_argument("--mlm", help="MLM checkpoint dir for the infilling transformation g (--g mlm)")
+    a.add_argument("--g", choices=("mlm", "dropout", "swap"), default="mlm",
+                   help="g: MLM infilling (needs --mlm with a trained head), token dropout or span swap")  # fmt: skip
+    a.add_argument("--allow-untrained-mlm", action="store_true", help="use --mlm even if its head looks untrained")
+    a.add_argument("--labeller", help="fine-tuned classifier checkpoint dir (S; default: previous round's best)")
     a.add_argument("--rounds", type=int, help="at most this many rounds (default |Θ|)")
     a.add_argument("--replay", type=int, default=0)
     a.add_argument("--probe-fraction", type=float, default=0.5)
@@ -142,7 +145,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     result = finetune(
         model, task, enc.encode(task, train), enc.encode(task, dev), cfg, output_dir=args.output_dir, test=test_data
     )
-    print(json.dumps({"best_" + task.selection_metric: result.best_metric, "best_step": result.best_step}))
+    out = {"best_" + task.selection_metric: result.best_metric, "best_step": result.best_step}
+    print(json.dumps({**out, "collapsed": result.collapsed}))
     return 0
 
 
@@ -168,7 +172,16 @@ def run_agora_cli(args: argparse.Namespace) -> int:
     else:
         with open(args.theta, encoding="utf-8") as fh:
             theta = [Candidate(**c) for c in json.load(fh)]
-    labeller_model = build_model(task, args.labeller)
+    from .augment import SpanSwap, TokenDropout
+
+    if args.g == "mlm" and not args.mlm:
+        raise FlaxNarrowError("--g mlm needs --mlm (an MLM checkpoint dir); or use --g dropout / --g swap")
+    if args.g == "mlm":
+        g = agora.MLMInfill(BertForMaskedLM.from_pretrained(args.mlm), enc.tokenizer, max_length=args.max_length,
+                            allow_untrained=args.allow_untrained_mlm)  # fmt: skip
+    else:
+        g = TokenDropout() if args.g == "dropout" else SpanSwap()
+    labeller = agora.ClassifierLabeller(build_model(task, args.labeller), task, enc) if args.labeller else None
     cfg = agora.AgoraConfig(
         args.output_dir,
         probe_fraction=args.probe_fraction,
@@ -186,8 +199,8 @@ def run_agora_cli(args: argparse.Namespace) -> int:
         dev,
         theta,
         lambda seed: build_model(task, source, seed=seed),
-        agora.MLMInfill(BertForMaskedLM.from_pretrained(args.mlm), enc.tokenizer, max_length=args.max_length),
-        agora.ClassifierLabeller(labeller_model, task, enc),
+        g,
+        labeller,
         cfg,
         agora.KeepBetterHalf() if args.prune == "half" else agora.NotesPrefixRule(),
     )

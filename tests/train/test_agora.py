@@ -50,7 +50,7 @@ def test_split_dev_is_disjoint_and_fixed():
 def test_mlm_infill_changes_tokens_and_keeps_fields():
     tok = H.tokenizer()
     mlm = BertForMaskedLM.from_config(EncoderConfig.tiny(vocab_size=len(tok)), seed=0)
-    g = MLMInfill(mlm, tok, mask_prob=0.5, max_length=16)
+    g = MLMInfill(mlm, tok, mask_prob=0.5, max_length=16, allow_untrained=True)  # a fresh head, on purpose
     ex = {"text_a": "w1 w2 w3 w4 w5 w6", "text_b": "w7 w8", "label": "pos"}
     out = g(ex, 3, np.random.default_rng(0))
     assert len(out) == 3 and all("label" not in o for o in out)
@@ -100,7 +100,7 @@ def test_agora_rounds_expand_prune_select_and_resume(tmp_path):
     def factory(seed):
         return build_model(task, mcfg, seed=seed)
 
-    args = (task, enc, train, dev, theta, factory, MLMInfill(mlm, tok, max_length=16), labeller)
+    args = (task, enc, train, dev, theta, factory, MLMInfill(mlm, tok, max_length=16, allow_untrained=True), labeller)
     first = run_agora(*args, cfg)
     assert len(first.rounds) == 1 and len(first.rounds[0]["theta_left"]) == 1  # better half kept
     s0 = first.rounds[0]
