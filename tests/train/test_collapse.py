@@ -70,7 +70,9 @@ def test_rank_puts_collapsed_candidates_after_healthy_ones():
 
 
 def _random_labels(rng, n, p_pos=0.75):
-    return [{"text_a": e["text_a"], "label": "pos" if rng.random() < p_pos else "neg"} for e in H.classification(rng, n)]
+    return [
+        {"text_a": e["text_a"], "label": "pos" if rng.random() < p_pos else "neg"} for e in H.classification(rng, n)
+    ]
 
 
 def test_finetune_records_and_summary_carry_the_flag(tmp_path, caplog):
