@@ -54,7 +54,8 @@ def test_finetune_and_agora_cli(tmp_path, capsys):
     mlm_dir = BertForMaskedLM.from_config(EncoderConfig.tiny(vocab_size=57), seed=0).save_pretrained(
         str(tmp_path / "mlm")
     )
-    ag = ["agora", *common, "--mlm", mlm_dir, "--labeller", os.path.join(out, "best"), "--rounds", "1"]
+    ag = ["agora", *common, "--mlm", mlm_dir, "--allow-untrained-mlm", "--labeller", os.path.join(out, "best")]
+    ag += ["--rounds", "1"]
     args = _parser().parse_args([*ag, "--output-dir", str(tmp_path / "agora")])
     assert args.func(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
