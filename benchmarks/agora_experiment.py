@@ -294,9 +294,10 @@ def make_setup(encoder: str, task: Task, args, pool) -> Setup:
 
         try:
             g = agora.MLMInfill(BertForMaskedLM.from_pretrained(src), tok, max_length=args.max_length)
+            g.check([e["text_a"] for e in draw_train(pool, 64, 99)])  # what run_agora checks, on pool texts
         except UntrainedModelError as e:
             log.warning("g = MLM infilling refused (%s); falling back to token dropout", e)
-            g_name = "dropout (mlm refused)"
+            g, g_name = None, f"dropout (mlm refused: {e})"
     if g is None:
         g = SpanSwap() if args.g == "swap" else TokenDropout(args.dropout_rate)
     return Setup(task, enc, factory, fresh, g, g_name)
@@ -338,6 +339,26 @@ def one(encoder: str, n: int, seed: int, args, dev, test, pool, task) -> dict:
     return row
 
 
+def added_label_agreement(agora_dir: str, dev: list[dict], probe_fraction: float = 0.5) -> dict[str, float]:
+    """Per round: the share of added points whose S label equals the gold label of the mistake they came from
+    (the source is the probe example sharing the most words; g here only deletes or moves words, so that label
+    is almost surely the point's true label) -- how often S labels the generated points right."""
+    probe, _ = agora.split_dev(dev, probe_fraction, 0)
+    words = [set(e["text_a"].split()) for e in probe]
+    out = {}
+    for path in sorted(glob.glob(os.path.join(agora_dir, "round_*", "added.jsonl"))):
+        pts = [json.loads(x) for x in open(path, encoding="utf-8") if x.strip()]
+        if not pts:
+            continue
+        hits = 0
+        for p in pts:
+            w = set(p["text_a"].split())
+            src = max(range(len(probe)), key=lambda i: len(w & words[i]) - 0.01 * len(words[i]))
+            hits += p["label"] == probe[src]["label"]
+        out[os.path.basename(os.path.dirname(path))] = round(hits / len(pts), 4)
+    return out
+
+
 def summarize(out: str) -> str:
     rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*_n*_s*.json")))]
     groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
@@ -359,6 +380,28 @@ def summarize(out: str) -> str:
             f"| {d.mean():+.4f} ± {d.std(ddof=1) if len(d) > 1 else 0:.4f} | {comp} |"
         )
     return "\n".join(lines)
+
+
+def analyse(args) -> dict:
+    """Where Agora's gain goes, per (encoder, n, seed): held-out vs test of each round's best is not read (the test
+    split is scored only for the final models); recorded: the added points' label agreement with their source
+    (from ``--work``), points added per round, and the rounds' held-out scores. Written to OUT/analysis.json."""
+    dev, _, _ = splits(args.dev, args.test)
+    out = {}
+    for p in sorted(glob.glob(os.path.join(args.out, "*_n*_s*.json"))):
+        r = json.load(open(p))
+        key = f"{r['encoder']}_n{r['n']}_s{r['seed']}"
+        out[key] = {
+            "label_agreement": added_label_agreement(os.path.join(args.work, key, "agora"), dev),
+            "added": [st["added"] for st in r["agora"]["rounds"]],
+            "heldout": [st["heldout"] for st in r["agora"]["rounds"]],
+            "labeller_accuracy": [st["labeller_accuracy"] for st in r["agora"]["rounds"]],
+            "final_round": r["agora"]["final_round"],
+            "test": {m: r[m]["test"] for m in ("default", "search", "agora")},
+        }
+    with open(os.path.join(args.out, "analysis.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    return out
 
 
 def main() -> None:
@@ -386,6 +429,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarize:
         print(summarize(args.out))
+        print(json.dumps(analyse(args), indent=1))
         return
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -266,7 +266,6 @@ def run_agora(
     """
     if task.kind not in ("classification", "regression"):
         raise ValueError(f"Agora mines mistakes of sequence classification/regression, not {task.kind!r}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     probe, heldout = split_dev(dev, cfg.probe_fraction, cfg.seed)
     probe_data, heldout_data = encoder.encode(task, probe), encoder.encode(task, heldout)
     if labeller is None:
@@ -276,6 +275,7 @@ def run_agora(
                  check_labeller(labeller, task, encoder, probe, min_labeller_accuracy))  # fmt: skip
     if hasattr(transform, "check"):
         transform.check([str(e.get("text_a", "")) for e in train])
+    os.makedirs(cfg.out_dir, exist_ok=True)  # after the role checks: a refused run writes nothing
     added: list[Example] = []
     remaining, rounds = list(theta), []
     r = 0

@@ -102,7 +102,7 @@ def test_run_agora_refuses_a_random_infiller_before_training(tmp_path):
                   [Candidate()], lambda s: None, MLMInfill(noisy, tok, max_length=16),
                   CallableLabeller(lambda e: "pos" if "good" in e["text_a"].split() else "neg"),
                   AgoraConfig(str(tmp_path / "a")))  # fmt: skip
-    assert not os.path.exists(tmp_path / "a" / "round_000")
+    assert not os.path.exists(tmp_path / "a")
 
 
 def test_token_dropout_and_span_swap():
@@ -137,7 +137,7 @@ def test_labeller_below_two_thirds_is_refused_with_its_accuracy(tmp_path):
     with pytest.raises(LabellerError, match="accuracy 0.0000"):
         run_agora(task, enc, H.classification(rng, 32), H.classification(rng, 32), [Candidate()], lambda s: None,
                   augment.TokenDropout(), wrong, AgoraConfig(str(tmp_path / "a")))  # fmt: skip
-    assert not os.path.exists(tmp_path / "a" / "round_000")
+    assert not os.path.exists(tmp_path / "a")
 
 
 @pytest.mark.slow
