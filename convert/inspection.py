@@ -15,7 +15,8 @@ import numpy as np
 from flax_narrow.config import EncoderConfig
 from flax_narrow.errors import FlaxNarrowError
 
-from . import conversion, sources
+from . import sources
+from .plan import plan_conversion
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def inspect_checkpoint(
         ignored: list[str] = []
         architecture = opened.architecture
         try:
-            plan = conversion.plan_conversion(opened, head=head, raise_problems=False)
+            plan = plan_conversion(opened, head=head, raise_problems=False)
             architecture = plan.architecture
             problems += plan.load.problems
             notes += plan.notes

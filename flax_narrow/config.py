@@ -385,20 +385,35 @@ def canonical_dtype(name: Any) -> Any:
     return {"fp32": "float32", "fp16": "float16"}.get(name, name)
 
 
+def read_json(path: str | os.PathLike, *, what: str = "config file", error: type[Exception] = ConfigError) -> dict:
+    """The JSON object stored in ``path`` (every config.json / index file / ``--config`` read goes through here).
+
+    Raises:
+      ConfigError (or ``error``): a missing or unreadable file, invalid JSON, or JSON that is not an object.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _as_dict(hf: Any) -> dict[str, Any]:
     if isinstance(hf, dict):
         return hf
     if isinstance(hf, (str, os.PathLike)):
         path = os.fspath(hf)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return read_json(os.path.join(path, "config.json") if os.path.isdir(path) else path)
     if hasattr(hf, "to_dict"):
         return hf.to_dict()
     raise ConfigError(f"cannot read a config from {type(hf).__name__}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_narrow.errors import FlaxNarrowError
+from flax_narrow.errors import DataError
 from flax_narrow.modeling.losses import IGNORE_INDEX
 
 from .tasks import Task
@@ -55,10 +55,6 @@ CANONICAL = {
     "qa": ("question", "context", "answers"),
 }
 OPTIONAL = {"text_b", "context"}
-
-
-class DataError(FlaxNarrowError):
-    """A data file, split or column that does not fit the task."""
 
 
 def load_examples(

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_narrow.errors import ConfigError, FlaxNarrowError
+from flax_narrow.errors import ConfigError, NonFiniteError
 from flax_narrow.modeling import BertForMaskedLM
 
 from . import checkpoint as ckpt
@@ -48,10 +48,6 @@ SHAPE_FIELDS = (
     "type_vocab_size",
     "full_length_layers",
 )
-
-
-class NonFiniteError(FlaxNarrowError):
-    """The loss or gradient norm became NaN/inf (``train.on_nonfinite=stop``)."""
 
 
 @dataclasses.dataclass

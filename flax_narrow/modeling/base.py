@@ -17,14 +17,20 @@ from flax_narrow.ops.gather import positions_from_mask
 class PreTrainedEncoder(nnx.Module):
     """Common API: ``from_config``, ``from_pretrained``, ``save_pretrained``, ``num_parameters``.
 
-    Subclasses set ``hf_architecture`` (the transformers class name their checkpoints use) and
-    ``base_model_prefix`` (``"bert"`` for task models holding ``self.bert``; ``""`` for the base model).
+    ``hf_architecture`` is the class's own name, which is the transformers (or NarrowBERT authors') class name
+    that config.json's ``architectures`` carries; the other names of each class are in
+    :data:`flax_narrow.modeling.ARCHITECTURES`. Subclasses set ``base_model_prefix`` (``"bert"`` for task
+    models holding ``self.bert``; ``""`` for the base model).
     """
 
     hf_architecture: ClassVar[str] = ""
     base_model_prefix: ClassVar[str] = "bert"
 
     config: EncoderConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.hf_architecture = cls.__name__
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, seed: int = 0, **kwargs: Any) -> PreTrainedEncoder:
