@@ -101,9 +101,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def _describe(graph: dict[str, dict[str, int]], modules: dict[str, tuple[str, bool]], cycle: list[str]) -> str:
-    steps = [
-        f"{os.path.relpath(modules[a][0], ROOT)}:{graph[a][b]} imports {b}" for a, b in zip(cycle, cycle[1:])
-    ]
+    steps = [f"{os.path.relpath(modules[a][0], ROOT)}:{graph[a][b]} imports {b}" for a, b in zip(cycle, cycle[1:])]
     return "import cycle: " + "; ".join(steps)
 
 
@@ -155,4 +153,8 @@ def test_cycle_finder_finds_a_planted_cycle(tmp_path):
     modules = source_modules(str(tmp_path))
     graph = import_graph(modules)
     assert graph["flax_narrow.convert.sources"] == {"flax_narrow.modeling.base": 1}
-    assert find_cycle(graph) == ["flax_narrow.convert.sources", "flax_narrow.modeling.base", "flax_narrow.convert.sources"]
+    assert find_cycle(graph) == [
+        "flax_narrow.convert.sources",
+        "flax_narrow.modeling.base",
+        "flax_narrow.convert.sources",
+    ]

@@ -91,7 +91,7 @@ def logical_to_spec(
     if logical_axes is None:
         return PartitionSpec()
     if len(logical_axes) != len(shape):
-        raise ValueError(f"{name}: logical axes {logical_axes} do not match shape {shape}")
+        raise ConfigError(f"{name}: logical axes {logical_axes} do not match shape {shape}")
     used: set[str] = set()
     out = []
     for axis, dim in zip(logical_axes, shape):

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import ConfigError
 from flax_narrow.modeling import BertForMaskedLM
 
 from . import sharding as shd
@@ -219,7 +220,7 @@ def make_train_step(
     """
     use_kd = kd.enabled
     if use_kd and teacher_graphdef is None:
-        raise ValueError("kd is enabled but no teacher graph was given")
+        raise ConfigError("kd is enabled but no teacher graph was given")
     w_mlm, w_kd, temp = float(kd.mlm_weight), float(kd.kd_weight), float(kd.temperature)
 
     def micro_sums(params, rest, t_params, t_rest, ids_bl, step, micro):

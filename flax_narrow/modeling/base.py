@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import InputError
 from flax_narrow.ops.gather import positions_from_mask
 
 
@@ -74,7 +75,7 @@ def resolve_narrow(
     """
     if narrow_mask is not None:
         if narrow_positions is not None:
-            raise ValueError("pass either narrow_mask or narrow_positions, not both")
+            raise InputError("pass either narrow_mask or narrow_positions, not both")
         narrow_positions, narrow_valid = positions_from_mask(np.asarray(narrow_mask))
     if narrow_positions is None and cls_only and config.is_narrow:
         narrow_positions = jnp.zeros((input_ids_bl.shape[0], 1), jnp.int32)

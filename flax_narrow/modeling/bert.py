@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import ConfigError
 from flax_narrow.modeling.base import PreTrainedEncoder, resolve_narrow
 from flax_narrow.modeling.layers import BertEmbeddings, BertEncoder, BertPooler, activation, dense, layer_norm
 from flax_narrow.modeling.losses import IGNORE_INDEX, classification_loss, masked_cross_entropy
@@ -339,7 +340,7 @@ class BertForQuestionAnswering(PreTrainedEncoder):
         output_attentions=False,
     ) -> QuestionAnsweringModelOutput:
         if self.config.is_narrow:
-            raise ValueError("question answering needs every token's output; NarrowBERT models do not support it")
+            raise ConfigError("question answering needs every token's output; NarrowBERT models do not support it")
         out = self.bert(
             input_ids,
             attention_mask,
