@@ -34,6 +34,19 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
+# The sizes that must be positive ints, and with them the fields that fix the parameter tree: two configs that
+# agree on SHAPE_FIELDS can exchange weights (resume, init_from, inspect's summary line).
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+SHAPE_FIELDS = (*SIZE_FIELDS, "type_vocab_size", "full_length_layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Hyper-parameters of a BERT-family encoder. Hashable, so it can live in a jitted module's static data."""
@@ -86,14 +99,7 @@ class EncoderConfig:
             if not cond:
                 raise ConfigError(f"EncoderConfig: {msg}")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         need(self.type_vocab_size >= 0, f"type_vocab_size must be >= 0, got {self.type_vocab_size}")

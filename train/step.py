@@ -311,10 +311,6 @@ def make_eval_step(
     return eval_step
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _concrete_shardings(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -360,7 +356,7 @@ def compile_steps(
         donate_argnums=(0,),
     )
     ids_abs = jax.ShapeDtypeStruct((accum, micro_batch, seq_len), jnp.int32, sharding=ids_sharding)
-    lowered = jitted.lower(_abstract(state, state_sharding), ids_abs, rest, t_params, t_rest)
+    lowered = jitted.lower(shd.abstract_with_shardings(state, state_sharding), ids_abs, rest, t_params, t_rest)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     eval_compiled = None
@@ -372,7 +368,7 @@ def compile_steps(
             out_shardings=replicated,
         )
         eval_compiled = ejit.lower(
-            _abstract(state.params, state_sharding.params),
+            shd.abstract_with_shardings(state.params, state_sharding.params),
             jax.ShapeDtypeStruct((micro_batch, seq_len), jnp.int32, sharding=e_ids),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             rest,
