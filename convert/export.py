@@ -60,21 +60,22 @@ def hf_export_key(flax_path: str, config: EncoderConfig) -> tuple[str, str | Non
     return key, transform
 
 
-def hf_architecture_name(architecture: str, config: EncoderConfig) -> str:
+def hf_architecture_name(architecture: str, config: EncoderConfig, where: str | None = None) -> str:
     """The transformers (or NarrowBERT authors') class name for one of our architectures.
 
     Raises:
       CheckpointError: a RoBERTa-typed head that transformers' RoBERTa classes do not share with BERT.
       ConfigError: an architecture name flax-narrow does not implement.
     """
+    at = where + ": " if where else ""
     named = architecture_named(architecture)
     if named is None:
-        raise ConfigError(f"architecture {architecture!r} is not one flax-narrow implements")
+        raise ConfigError(f"{at}architecture {architecture!r} is not one flax-narrow implements")
     row = architecture_for(named.head, config.is_narrow)
     if config.model_type == "roberta":
         if row.torch_roberta is None:
             raise CheckpointError(
-                f"exporting a RoBERTa-typed {row.name} is not supported (only {', '.join(ROBERTA_EXPORTABLE)}): "
+                f"{at}exporting a RoBERTa-typed {row.name} is not supported (only {', '.join(ROBERTA_EXPORTABLE)}): "
                 "transformers' RoBERTa task heads differ from BERT's"
             )
         return row.torch_roberta
@@ -163,7 +164,7 @@ def export_checkpoint(
                 "flax-narrow checkpoints (made by `flax-narrow convert` or save_pretrained) back to HF format"
             )
         plan = plan_conversion(opened)
-        arch = hf_architecture_name(plan.architecture, plan.config)
+        arch = hf_architecture_name(plan.architecture, plan.config, src)
         specs, hf_config = _export_specs(plan, storage_dtype)
         hf_config["architectures"] = [arch]
         notes = [n.replace("left for from_pretrained", "transformers will") for n in plan.notes]

@@ -21,31 +21,37 @@ from .readers import TensorSource
 CHUNK_BYTES = 8 * 2**20  # tensors above this (untransformed) are converted in row blocks of this size
 
 
-def model_class(architecture: str, config: EncoderConfig) -> type:
+def model_class(architecture: str, config: EncoderConfig, where: str | None = None) -> type:
     """Our class for an architecture name in config.json (``RobertaForMaskedLM``, ``NarrowBertModel``, ...):
     the NarrowBERT class of that head for a narrow config, so that the NarrowBERT name goes into the checkpoint.
 
     Raises:
-      ConfigError: a name flax-narrow does not implement.
+      ConfigError: a name flax-narrow does not implement (the message starts with ``where``, when given).
     """
     row = architecture_named(architecture)
     if row is None:
         raise ConfigError(
-            f"architecture {architecture!r} is not one flax-narrow implements; pass --head "
-            f"({', '.join(HEADS)}) to choose what to keep"
+            f"{where + ': ' if where else ''}architecture {architecture!r} is not one flax-narrow implements; "
+            f"pass --head ({', '.join(HEADS)}) to choose what to keep"
         )
-    return architecture_for(row.head, config.is_narrow).cls
+    return head_class(row.head, config, where)
 
 
-def head_class(head: str, config: EncoderConfig) -> type:
-    """Our class for a ``--head`` choice.
+def head_class(head: str, config: EncoderConfig, where: str | None = None) -> type:
+    """Our class for a ``--head`` choice (the NarrowBERT class of that head for a narrow config).
 
     Raises:
-      ConfigError: an unknown head.
+      ConfigError: an unknown head, or a head NarrowBERT does not have for a narrow config.
     """
     row = architecture_for(head, config.is_narrow)
+    at = where + ": " if where else ""
     if row is None:
-        raise ConfigError(f"unknown head {head!r}; choose one of auto, {', '.join(HEADS)}")
+        raise ConfigError(f"{at}unknown head {head!r}; choose one of auto, {', '.join(HEADS)}")
+    if config.is_narrow and row.family != "narrow":
+        raise ConfigError(
+            f"{at}a NarrowBERT (full_length_layers={config.full_length_layers}) has no {head} head: it needs "
+            "every token's output; choose another --head"
+        )
     return row.cls
 
 
@@ -85,11 +91,11 @@ def plan_conversion(
     assert config is not None
     keys = src.keys()
     if head != "auto":
-        cls = head_class(head, config)
+        cls = head_class(head, config, opened.path)
     elif opened.architecture:
-        cls = model_class(opened.architecture, config)
+        cls = model_class(opened.architecture, config, os.path.join(opened.directory, "config.json"))
     else:
-        cls = head_class(keymap.guess_head(keys), config)
+        cls = head_class(keymap.guess_head(keys), config, opened.path)
     targets = loading.param_shapes(cls, config)
     load = loading.plan_model_load(
         opened, cls, config, strict=strict, raise_problems=raise_problems, action="convert to", targets=targets
