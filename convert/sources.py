@@ -1,9 +1,11 @@
-"""Open any supported checkpoint as one lazy tensor source plus its config, detecting the format from content.
+"""Open any supported checkpoint as one lazy tensor source plus its config, detecting the format from content:
+the one way in for ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT.
 
-Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json with a ``flax_narrow`` block); HF
-BERT/RoBERTa/BORT/NarrowBERT directories or single files (``model.safetensors``, sharded safetensors,
-``pytorch_model.bin``, sharded .bin); the original GluonNLP ``bort.params`` (a file, or a directory holding one).
-Single files are recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
+Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json, whose ``flax_narrow`` block, when
+present, holds the exact config); HF BERT/RoBERTa/BORT/NarrowBERT directories or single files
+(``model.safetensors``, sharded safetensors, ``pytorch_model.bin``, sharded .bin); the original GluonNLP
+``bort.params`` (a file, or a directory holding one); a hub id (:func:`resolve_path`). Single files are
+recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
 """
 
 from __future__ import annotations
