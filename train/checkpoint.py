@@ -87,6 +87,12 @@ class Checkpointer:
         self._manager.close()
 
 
+def has_checkpoints(directory: str) -> bool:
+    """True when ``directory`` holds at least one finished step checkpoint (a numbered sub-directory)."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    return os.path.isdir(directory) and any(x.isdigit() for x in os.listdir(directory))
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for :meth:`Checkpointer.restore`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -26,7 +26,8 @@ examples:
 presets: tiny, tiny-bert, demo-narrowbert, demo-bert, narrowbert-base, bert-base, bort.
 sections for --set: model (EncoderConfig fields), data, train, kd, mesh, checkpoint; e.g.
   --set model.full_length_layers=2 --set mesh.fsdp=4 --set checkpoint.every_steps=500
-exit codes: 0 done; 2 configuration/checkpoint error; 143 stopped by SIGTERM after saving a checkpoint.
+exit codes: 0 done; 2 configuration/checkpoint error; 143 (SIGTERM) / 130 (SIGINT, Ctrl-C) stopped after
+saving a checkpoint.
 multi-host: run the same command on every host with --distributed on (jax.distributed.initialize() then finds
 TPU pods and SLURM jobs itself; scripts/ does this), or --coordinator-address/--num-processes/--process-id.
 --output-dir is a filesystem path every host can write (on TPU VMs, a bucket mounted with gcsfuse).
@@ -65,6 +66,12 @@ def register(sub) -> None:
     p.add_argument("--init-from", default=None, help="initial weights: a converted/HF checkpoint or hub id")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for the MFU estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_distributed_args(p)
+    p.set_defaults(func=_cli)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """The multi-host flags (shared by pretrain, finetune and agora); :func:`init_distributed` reads them."""
     g = p.add_argument_group("multi-host")
     g.add_argument(
         "--distributed",
@@ -77,7 +84,6 @@ def register(sub) -> None:
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
     g.add_argument("--cpu-devices", type=int, default=None, help="fake CPU devices per process (testing)")
-    p.set_defaults(func=_cli)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -159,4 +165,6 @@ def _cli(args: argparse.Namespace) -> int:
             "run_dir": result.run_dir,
         }
         print(json.dumps(summary), file=sys.stderr)
-    return EXIT_PREEMPTED if result.preempted else 0
+    if result.preempted:
+        return 128 + result.stop_signal if result.stop_signal else EXIT_PREEMPTED
+    return 0
