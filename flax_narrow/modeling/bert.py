@@ -143,6 +143,7 @@ class BertForMaskedLM(PreTrainedEncoder):
         position_ids=None,
         *,
         labels=None,
+        label_layout=None,
         narrow_positions=None,
         narrow_valid=None,
         narrow_mask=None,
@@ -166,7 +167,8 @@ class BertForMaskedLM(PreTrainedEncoder):
         logits = self.cls.predictions(out.last_hidden_state, self.bert.embeddings.word_embeddings)
         loss = None
         if labels is not None:
-            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
+            layout = label_layout or (None if narrow_positions is not None else "tokens")
+            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid, layout, input_ids)
         return MaskedLMOutput(logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid)
 
 
@@ -184,10 +186,25 @@ def _rows_from_labels(config, input_ids, labels, narrow_positions, narrow_mask):
     return narrow_mask
 
 
-def _row_loss(logits_bpc, labels, positions_bp, valid_bp):
-    """Cross-entropy on the computed rows; labels per row (B, P) or per token (B, L) gathered at the rows."""
-    if positions_bp is not None and labels.shape[1] != logits_bpc.shape[1]:
-        labels = jnp.take_along_axis(labels, positions_bp, axis=1)
+def _row_loss(logits_bpc, labels, positions_bp, valid_bp, layout=None, input_ids=None):
+    """Cross-entropy on the computed rows; labels per row (B, P) (``layout="rows"``) or per token (B, L)
+    (``"tokens"``, gathered at the rows). Without ``layout`` the shapes decide, and P == L (which they
+    cannot tell apart) is refused rather than guessed."""
+    from flax_narrow.errors import InputError
+
+    if layout not in (None, "rows", "tokens"):
+        raise InputError(f"label_layout must be 'rows' or 'tokens', got {layout!r}")
+    if positions_bp is not None:
+        if layout is None:
+            same = labels.shape[1] == logits_bpc.shape[1]
+            if same and input_ids is not None and labels.shape[1] == jnp.shape(input_ids)[1]:
+                raise InputError(
+                    f"labels of shape {tuple(labels.shape)} could be per row (P = {logits_bpc.shape[1]}) or per "
+                    "token (L): pass label_layout='rows' or 'tokens'"
+                )
+            layout = "rows" if same else "tokens"
+        if layout == "tokens":
+            labels = jnp.take_along_axis(labels, positions_bp, axis=1)
     return masked_cross_entropy(logits_bpc, labels, valid_bp)
 
 
@@ -297,6 +314,7 @@ class BertForTokenClassification(PreTrainedEncoder):
         position_ids=None,
         *,
         labels=None,
+        label_layout=None,
         narrow_positions=None,
         narrow_valid=None,
         narrow_mask=None,
@@ -320,7 +338,8 @@ class BertForTokenClassification(PreTrainedEncoder):
         logits = self.classifier(self.dropout(out.last_hidden_state, deterministic=deterministic))
         loss = None
         if labels is not None:
-            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
+            layout = label_layout or (None if narrow_positions is not None else "tokens")
+            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid, layout, input_ids)
         return TokenClassifierOutput(
             logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid
         )
