@@ -75,6 +75,11 @@ class DataConfig:
         _need(self.shuffle_buffer >= 1, w, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.max_documents is not None:
             _need(self.max_documents >= 1, w, f"max_documents must be >= 1, got {self.max_documents}")
+        _need(
+            not self.files or self.source == "files",
+            w,
+            f"files are set but source is {self.source!r}, which ignores them; set data.source=files",
+        )
 
     def resolved_files(self, patterns: Sequence[str] | None = None) -> list[str]:
         """Expand ``files`` (or ``patterns``) globs; raises naming a pattern that matches nothing."""
@@ -437,6 +442,7 @@ PRESETS: dict[str, Callable[[], PretrainConfig]] = {
 
 def preset(name: str) -> PretrainConfig:
     """A named preset (see :data:`PRESETS`)."""
+    name = name.replace("_", "-")  # one spelling for every command: tiny_bert and tiny-bert
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]().replace(preset=name)
@@ -492,14 +498,36 @@ def apply_updates(cfg: PretrainConfig, updates: dict[str, Any], *, where: str = 
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping, got {type(values).__name__}")
         current = changes.get(section, getattr(cfg, section))
-        cls = SECTIONS[section]
-        types_ = _field_types(cls)
-        unknown = sorted(set(values) - set(types_))
-        if unknown:
-            raise ConfigError(f"{where}: {section} has no field(s) {unknown}; fields are {sorted(types_)}")
-        coerced = {k: coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
-        changes[section] = dataclasses.replace(current, **coerced)
+        if section == "data" and values.get("files") and "source" not in values and current.source == "stdlib":
+            # data.files on a preset reading the built-in corpus: the files are what the user means.
+            values = {**values, "source": "files"}
+        changes[section] = update_section(current, values, section, where)
     return dataclasses.replace(cfg, **changes)
+
+
+def update_section(current: Any, values: dict[str, Any], section: str, where: str) -> Any:
+    """``current`` (a config dataclass) with ``values`` coerced to its field types; an unknown field is refused
+    with the valid ones listed. Shared by every command's config (pretrain, finetune, agora)."""
+    types_ = _field_types(type(current))
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: {section} has no field(s) {unknown}; fields are {sorted(types_)}")
+    coerced = {k: coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
+    return dataclasses.replace(current, **coerced)
+
+
+def parse_overrides(overrides: Sequence[str], sections: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["finetune.learning_rate=1e-4", ...]`` -> {section: {field: value}}, sections checked."""
+    nested: dict[str, dict[str, str]] = {}
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError(f"override {text!r} is not of the form section.key=value")
+        key, value = text.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(f"override key {key!r} must be <section>.<field> with section in {sorted(sections)}")
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
 
 
 def load_config(
