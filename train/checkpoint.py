@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 
 from flax_narrow.errors import CheckpointError
 
+from .sharding import abstract_with_shardings  # noqa: F401  (its old home; restore targets use it)
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data", "meta"
@@ -92,7 +94,3 @@ def has_checkpoints(directory: str) -> bool:
     directory = os.path.abspath(os.path.expanduser(directory))
     return os.path.isdir(directory) and any(x.isdigit() for x in os.listdir(directory))
 
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings, for :meth:`Checkpointer.restore`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

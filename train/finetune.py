@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_narrow.errors import ConfigError, InputError
+from flax_narrow.errors import ConfigError, InputError, NonFiniteError
 
 from . import checkpoint as ckpt
 from . import sharding as shd
@@ -146,7 +146,7 @@ def bort_head_forward(model: Any, batch: dict[str, Any], *, deterministic: bool,
 def forward_fn(task: Task, head: str) -> Callable[..., tuple[Any, Any]]:
     if head == "bort":
         if task.kind not in ("classification", "regression", "multilabel"):
-            raise ValueError(f"the BORT head is a sequence-classification head; task {task.kind!r} cannot use it")
+            raise ConfigError(f"the BORT head is a sequence-classification head; task {task.kind!r} cannot use it")
         return lambda model, batch, deterministic: bort_head_forward(
             model, batch, deterministic=deterministic, task=task
         )
@@ -415,7 +415,7 @@ def finetune(
     Args:
       stop_at: stop after this step as if interrupted (a checkpoint is saved; for tests and notebooks).
     """
-    from .loop import NonFiniteError, StopSignals
+    from .loop import StopSignals
 
     if cfg.head == "bort":
         bort_head_init(model, cfg.seed)

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_narrow.errors import ConfigError, FlaxNarrowError
+from flax_narrow.config import SHAPE_FIELDS
+from flax_narrow.errors import ConfigError, NonFiniteError
 from flax_narrow.modeling import BertForMaskedLM
 
 from . import checkpoint as ckpt
@@ -37,18 +38,6 @@ from .metrics import MetricsWriter, progress_bar
 from .optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
-
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "full_length_layers",
-)
-
 
 # A run directory: the run's config, its tokenizer (saved at the start, reused on resume) and, once finished,
 # the model as a flax-narrow checkpoint (config.json + flax_model.safetensors + tokenizer files) that
@@ -68,9 +57,6 @@ def export_run(run_dir: str, model: Any, tokenizer: Any) -> None:
     model.save_pretrained(run_dir)  # config.json last: a directory with it is complete
     log.info("wrote the trained model and tokenizer to %s", run_dir)
 
-
-class NonFiniteError(FlaxNarrowError):
-    """The loss or gradient norm became NaN/inf (``train.on_nonfinite=stop``)."""
 
 
 @dataclasses.dataclass
