@@ -93,4 +93,3 @@ def has_checkpoints(directory: str) -> bool:
     """True when ``directory`` holds at least one finished step checkpoint (a numbered sub-directory)."""
     directory = os.path.abspath(os.path.expanduser(directory))
     return os.path.isdir(directory) and any(x.isdigit() for x in os.listdir(directory))
-

@@ -58,7 +58,6 @@ def export_run(run_dir: str, model: Any, tokenizer: Any) -> None:
     log.info("wrote the trained model and tokenizer to %s", run_dir)
 
 
-
 @dataclasses.dataclass
 class PretrainResult:
     """What a run produced. ``history``: per-step metric dicts of the steps run by this call."""
