@@ -507,7 +507,12 @@ def restore_model(
 
     path = os.path.join(os.path.expanduser(run_dir), PRETRAIN_CONFIG)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir}: no {PRETRAIN_CONFIG} (not a pretraining run directory)")
+        legacy = os.path.join(os.path.expanduser(run_dir), "config.json")  # runs written before the rename
+        with open(legacy if os.path.isfile(legacy) else os.devnull, encoding="utf-8") as fh:
+            text = fh.read()
+        if '"train"' not in text:
+            raise CheckpointError(f"{run_dir}: no {PRETRAIN_CONFIG} (not a pretraining run directory)")
+        path = legacy
     with open(path, encoding="utf-8") as fh:
         cfg = config_from_dict(json.load(fh))
     mesh = shd.make_mesh(MeshConfig(1, 1, 1)) if mesh is None else mesh
