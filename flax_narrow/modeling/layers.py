@@ -200,8 +200,14 @@ class BertSelfAttention(nnx.Module):
           kv_proj: precomputed (K, V), each (B, S, H) — the encoder's fused projection for narrow layers.
           absorbed: use the absorbed form (needs ``kv_bsd``; exact, see the class docstring).
         """
+        fused = self.config.fuse_qkv and kv_bsd is None and kv_proj is None and not absorbed
         kv_bsd = hidden_btd if kv_bsd is None else kv_bsd
-        q_btnd = self._split(self.query(hidden_btd))
+        if fused:
+            q_btd, k_btd, v_btd = self._fused_qkv(hidden_btd)
+            kv_proj = (k_btd, v_btd)
+        else:
+            q_btd = self.query(hidden_btd)
+        q_btnd = self._split(q_btd)
         mask_b11s = key_mask_bs[:, None, None, :]
         if absorbed:
             ctx_btnd, probs = self._absorbed(q_btnd, kv_bsd, mask_b11s, deterministic)
@@ -226,6 +232,15 @@ class BertSelfAttention(nnx.Module):
             )
             probs = None
         return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
+
+    def _fused_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(Q, K, V), each (B, T, H), from one matmul with the three kernels side by side (H, 3H)."""
+        dt = self.query.dtype or x_btd.dtype
+        projections = (self.query, self.key, self.value)
+        w_hk = jnp.concatenate([m.kernel[...] for m in projections], axis=1).astype(dt)
+        b_k = jnp.concatenate([m.bias[...] for m in projections]).astype(dt)
+        y = jnp.einsum("BTH,HK->BTK", x_btd.astype(dt), w_hk) + b_k
+        return tuple(jnp.split(y, 3, axis=-1))
 
     def _softmax(self, scores_bnts, mask_b11s, deterministic):
         scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(jnp.float32).min)
