@@ -19,7 +19,8 @@ Workloads (``--workloads``): ``train128`` (NarrowBERT-base MLM train step, L=128
 transformers eager ``BertForMaskedLM`` in this project's environment, train step L=128, B=8, P=20).
 ``--variant NAME=SPEC`` adds flax-narrow variants timed in the same rounds; SPEC is ``/``-separated
 ``field=value`` EncoderConfig overrides, ``prng=rbg`` and ``xla=FLAGS`` (e.g.
-``xnn=xla:--xla_cpu_experimental_xnn_fusion_type=dot``; ``:`` after ``xla`` keeps ``=`` in the flags).
+``xnn=xla:--xla_cpu_experimental_xnn_fusion_type=dot``; ``:`` after ``xla`` keeps ``=`` in the flags), and
+``@train128,bert128`` at the end limits a variant to some workloads.
 """
 
 from __future__ import annotations
@@ -199,8 +200,9 @@ def setup(venv: str) -> int:
     return 0
 
 
-def parse_variant(text: str) -> tuple[str, str, str]:
-    """'name=spec' -> (name, model-spec items, xla flags)."""
+def parse_variant(text: str) -> tuple[str, str, str, set[str] | None]:
+    """'name=spec[@workload,...]' -> (name, model-spec items, xla flags, workloads or None for all)."""
+    text, _, only = text.partition("@")
     name, _, spec = text.partition("=")
     items, xla = [], ""
     for item in filter(None, spec.split("/")):
@@ -208,7 +210,7 @@ def parse_variant(text: str) -> tuple[str, str, str]:
             xla = item[4:]
         else:
             items.append(item)
-    return name, "/".join(items), xla
+    return name, "/".join(items), xla, (set(only.split(",")) if only else None)
 
 
 def main(argv=None) -> int:
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
     authors_python = os.path.join(args.authors_venv, "bin", "python")
     if needs_authors and not os.path.exists(authors_python):
         raise SystemExit(f"bench_authors: no authors' environment at {args.authors_venv}; run with --setup first")
-    variants = [("default", "", "")] + [parse_variant(v) for v in args.variant]
+    variants = [("default", "", "", None)] + [parse_variant(v) for v in args.variant]
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base_env.setdefault("JAX_PLATFORMS", "cpu")
     workers: dict[str, Worker] = {}
@@ -256,7 +258,9 @@ def main(argv=None) -> int:
         kind, length, batch, rows = SHAPES[w]
         preset = "bert-base" if w == "bert128" else "narrowbert-base"
         members = []
-        for vname, items, xla in variants:
+        for vname, items, xla, only in variants:
+            if only is not None and w not in only:
+                continue
             spec = preset + (":" + items if items else "")
             members.append(
                 (f"flax-narrow {vname}", get_worker(f"flax|{xla}", sys.executable, "flax", xla), spec, "flax")

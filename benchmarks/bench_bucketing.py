@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 import flax_narrow as fn
-from flax_narrow.bucketing import bucket_lengths, pad_rows, plan_batches, scatter_rows
+from flax_narrow.bucketing import bucket_lengths, in_input_order, pad_rows, plan_batches
 
 
 def wordnet_glosses() -> list[str]:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         def cls_run(buckets):
             plan = plan_batches(lengths, args.batch, args.max_length, buckets)
             res = [np.asarray(fwd(state, pad_rows(rows, b), pad_rows(ones, b))) for b in plan]
-            return np.stack(scatter_rows(len(rows), plan, res)), plan
+            return np.stack(in_input_order(len(rows), plan, res)), plan
 
         work["cls bucketed"] = lambda: cls_run(None)
         work["cls padded to max_length"] = lambda: cls_run([args.max_length])

@@ -6,7 +6,7 @@ static lengths (``bucket_lengths``: powers of two, so at most ~log2(max_length) 
 into batches of one fixed size; every batch of a bucket has the same shape, so a jitted forward compiles once
 per bucket. The last batch of a bucket is filled up with repeats of its first example (``Batch.real`` says how
 many rows are real), so no other shape appears. Results come back in the input order with
-:func:`scatter_rows`.
+:func:`in_input_order`.
 
 Example:
     >>> plan = plan_batches([3, 40, 9, 120, 17], batch_size=2, max_length=128)
@@ -110,7 +110,7 @@ def pad_rows(rows: Sequence[Sequence[int]], batch: Batch, pad_value: int = 0) ->
     return out
 
 
-def scatter_rows(n: int, plan: Sequence[Batch], results: Sequence[np.ndarray]) -> list[np.ndarray]:
+def in_input_order(n: int, plan: Sequence[Batch], results: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per input example (in input order), its row of the batch result it was computed in.
 
     Args:
@@ -124,5 +124,5 @@ def scatter_rows(n: int, plan: Sequence[Batch], results: Sequence[np.ndarray]) -
             out[int(batch.indices[r])] = res[r]
     missing = [i for i, x in enumerate(out) if x is None]
     if missing:
-        raise ValueError(f"scatter_rows: no result for inputs {missing[:8]}")
+        raise ValueError(f"in_input_order: no result for inputs {missing[:8]}")
     return out  # type: ignore[return-value]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_narrow.bucketing import pad_rows, plan_batches, scatter_rows
+from flax_narrow.bucketing import in_input_order, pad_rows, plan_batches
 from flax_narrow.errors import InputError, NarrowOverflowError
 from flax_narrow.ops.gather import positions_from_mask
 
@@ -115,7 +115,7 @@ def fill_mask(
         positions, valid = positions_from_mask(ids == mask_id, max_positions=budget)
         scores, tokens = run(state, ids, attention, types, positions, valid)
         results.append(list(zip(np.asarray(scores), np.asarray(tokens), np.asarray(positions))))
-    per_text = scatter_rows(len(texts), plan, results)
+    per_text = in_input_order(len(texts), plan, results)
 
     out = []
     for b, (scores, tokens, positions) in enumerate(per_text):

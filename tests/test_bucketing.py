@@ -37,11 +37,11 @@ def test_pow2_last_batches():
     assert [(b.indices.size, b.real) for b in plan] == [(16, 16), (16, 16), (8, 5)]
 
 
-def test_scatter_rows_restores_input_order():
+def test_in_input_order_restores_input_order():
     lengths = [30, 3, 70, 12, 31]
     plan = bucketing.plan_batches(lengths, batch_size=2, max_length=128)
     results = [np.asarray(lengths)[b.indices] * 10 for b in plan]
-    assert [int(x) for x in bucketing.scatter_rows(5, plan, results)] == [300, 30, 700, 120, 310]
+    assert [int(x) for x in bucketing.in_input_order(5, plan, results)] == [300, 30, 700, 120, 310]
 
 
 def test_pad_rows():
