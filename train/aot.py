@@ -130,8 +130,12 @@ def parse_topology(name: str) -> TopologySpec:
 
 def _quiet_libtpu_env(spec: TopologySpec) -> None:
     """On a machine without a TPU, libtpu looks for the TPU VM's metadata and prints warnings; tell it
-    (only where the environment does not say otherwise) that this is a single local host."""
+    (only where the environment does not say otherwise) that this is a single local host, and that it need not
+    be the only process using libtpu."""
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes /tmp/libtpu_lockfile for one process per machine; a compile-only client drives no TPU, so
+    # it may share the machine with other JAX processes that loaded libtpu (any JAX without JAX_PLATFORMS set)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", spec.name if "-" in spec.name else "v4-8")
 
 
