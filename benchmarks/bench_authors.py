@@ -251,10 +251,11 @@ def main(argv=None) -> int:
             workers[key] = Worker(python, role, env, args.authors_repo if role == "authors" else None)
         return workers[key]
 
-    entries = []  # (workload, label, worker, key, note)
+    entries = []  # (workload, label, key, note)
+    times: dict[str, list[float]] = {}
     t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
-    for w in workloads:
+    for w in workloads:  # one workload at a time (its workers only: memory), its members alternated
         kind, length, batch, rows = SHAPES[w]
         preset = "bert-base" if w == "bert128" else "narrowbert-base"
         members = []
@@ -271,19 +272,22 @@ def main(argv=None) -> int:
             )
         else:
             members.append(("authors", get_worker("authors", authors_python, "authors", ""), "", "authors"))
+        built = []
         for label, wk, spec, name in members:
             key = f"{w}|{label}"
             build = dict(key=key, name=name, spec=spec, kind=kind, length=length, batch=batch, rows=rows)
             reply = wk.ask({"build": build})
             print(f"# built {key}: {reply['note']} ({reply['setup_s']:.1f} s)", flush=True)
-            entries.append((w, label, wk, key, reply["note"]))
-    times = {key: [] for *_, key, _ in entries}
-    for r in range(args.rounds):
-        for _, _, wk, key, _ in entries:
-            times[key].append(wk.ask({"time": key, "steps": args.steps})["s"])
-        print(f"# round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
-    for wk in workers.values():
-        wk.close()
+            entries.append((w, label, key, reply["note"]))
+            built.append((wk, key))
+            times[key] = []
+        for r in range(args.rounds):
+            for wk, key in built:
+                times[key].append(wk.ask({"time": key, "steps": args.steps})["s"])
+            print(f"# {w}: round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
+        for wk in workers.values():
+            wk.close()
+        workers.clear()
     rows_out, ratios = [], []
     print(
         f"\n# {t_start} | {platform.machine()} {os.cpu_count()} cores | load average {load0:.1f} at start, "
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
     )
     print("| workload | implementation | seq/s (median) | ms/step median | spread (min-max ms) | note |")
     print("|---|---|---|---|---|---|")
-    for w, label, _, key, note in entries:
+    for w, label, key, note in entries:
         ts = times[key]
         batch = SHAPES[w][2]
         med = statistics.median(ts)
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
     for w in workloads:
         ref_label = "transformers eager" if w == "bert128" else "authors"
         ref = times[f"{w}|{ref_label}"]
-        for _, label, _, key, _ in [e for e in entries if e[0] == w and e[1].startswith("flax")]:
+        for _, label, key, _ in [e for e in entries if e[0] == w and e[1].startswith("flax")]:
             per_round = [a / b for a, b in zip(ref, times[key])]
             text = (
                 f"{w}: {label} / {ref_label} = {statistics.median(per_round):.2f}x median of rounds "
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
             ratios.append(dict(workload=w, impl=label, ref=ref_label, per_round=per_round))
             print(text)
         base = times.get(f"{w}|flax-narrow default")
-        for _, label, _, key, _ in [
+        for _, label, key, _ in [
             e for e in entries if e[0] == w and e[1].startswith("flax") and e[1] != "flax-narrow default"
         ]:
             per_round = [a / b for a, b in zip(base, times[key])]
