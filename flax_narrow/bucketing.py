@@ -124,5 +124,5 @@ def in_input_order(n: int, plan: Sequence[Batch], results: Sequence[np.ndarray])
             out[int(batch.indices[r])] = res[r]
     missing = [i for i, x in enumerate(out) if x is None]
     if missing:
-        raise ValueError(f"in_input_order: no result for inputs {missing[:8]}")
+        raise InputError(f"in_input_order: no result for inputs {missing[:8]} (a plan of other inputs?)")
     return out  # type: ignore[return-value]
