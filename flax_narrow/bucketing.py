@@ -117,6 +117,9 @@ def in_input_order(n: int, plan: Sequence[Batch], results: Sequence[np.ndarray])
       n: the number of inputs.
       plan: the batches, as :func:`plan_batches` returned them.
       results: per batch, an array whose leading axis is the batch's rows.
+
+    Raises:
+      InputError: some input has no result (the plan was made for other inputs).
     """
     out: list[np.ndarray | None] = [None] * n
     for batch, res in zip(plan, results):
