@@ -20,7 +20,8 @@ transformers eager ``BertForMaskedLM`` in this project's environment, train step
 ``--variant NAME=SPEC`` adds flax-narrow variants timed in the same rounds; SPEC is ``/``-separated
 ``field=value`` EncoderConfig overrides, ``prng=rbg`` and ``xla=FLAGS`` (e.g.
 ``xnn=xla:--xla_cpu_experimental_xnn_fusion_type=dot``; ``:`` after ``xla`` keeps ``=`` in the flags), and
-``@train128,bert128`` at the end limits a variant to some workloads.
+``@train128,bert128`` at the end limits a variant to some workloads. ``--cpus 0`` pins every worker to core 0
+(torch then runs one thread; XLA:CPU has the one core): a check that is less sensitive to other load.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def authors_workload(repo: str, kind: str, length: int, batch: int, rows: int):
     from narrowbert import NarrowBertConfig, NarrowBertForMaskedLM, NarrowBertForSequenceClassification
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     cfg = NarrowBertConfig(full_length_layers=2, num_labels=3)
     data = _torch_batches(torch, cfg.vocab_size, batch, length, rows)
     i = [0]
@@ -116,7 +117,7 @@ def project_workload(name: str, spec: str, kind: str, length: int, batch: int, r
         import torch
         import transformers
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         run, *_ = bt.torch_train(bt.PRESETS["bert-base"](), batch, length, rows, False, "float32")
         return run, f"transformers {transformers.__version__} eager, torch {torch.get_num_threads()} threads"
     cfg = bt.model_config(spec, {})
@@ -170,11 +171,14 @@ def worker(role: str, repo: str | None) -> int:
 
 
 class Worker:
-    def __init__(self, python: str, role: str, env: dict, repo: str | None):
+    def __init__(self, python: str, role: str, env: dict, repo: str | None, cpus: set[int] | None = None):
         args = [python, os.path.abspath(__file__), "--worker", role]
         if repo:
             args += ["--authors-repo", repo]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pin
+        )
 
     def ask(self, cmd: dict) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -223,6 +227,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="steps of each workload per round")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--cpus", default=None, help="pin every worker to these cores, e.g. 0 (torch then uses that many threads)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -238,6 +245,7 @@ def main(argv=None) -> int:
     authors_python = os.path.join(args.authors_venv, "bin", "python")
     if needs_authors and not os.path.exists(authors_python):
         raise SystemExit(f"bench_authors: no authors' environment at {args.authors_venv}; run with --setup first")
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
     variants = [("default", "", "", None)] + [parse_variant(v) for v in args.variant]
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base_env.setdefault("JAX_PLATFORMS", "cpu")
@@ -248,7 +256,7 @@ def main(argv=None) -> int:
             env = dict(base_env)
             if xla:
                 env["XLA_FLAGS"] = xla
-            workers[key] = Worker(python, role, env, args.authors_repo if role == "authors" else None)
+            workers[key] = Worker(python, role, env, args.authors_repo if role == "authors" else None, cpus)
         return workers[key]
 
     entries = []  # (workload, label, key, note)
