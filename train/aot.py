@@ -198,7 +198,12 @@ def abstract_teacher(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> S.Teacher:
     parts = S.split_model(nnx.eval_shape(lambda: BertForMaskedLM(tconf, rngs=nnx.Rngs(0))))
     p_sh = shd.tree_shardings(parts.params, mesh)
     r_sh = shd.tree_shardings(parts.rest, mesh)
-    return S.Teacher(parts.graphdef, S._abstract(parts.params, p_sh), S._abstract(parts.rest, r_sh), tconf)
+    return S.Teacher(
+        parts.graphdef,
+        shd.abstract_with_shardings(parts.params, p_sh),
+        shd.abstract_with_shardings(parts.rest, r_sh),
+        tconf,
+    )
 
 
 def _size(n: int) -> str:
@@ -300,7 +305,7 @@ def compile_for_topology(cfg: PretrainConfig, topology: str) -> CompileReport:
         )
     tx = make_optimizer(tcfg)
     state_spec = S.state_spec(cfg.model, tx, mesh, seed=tcfg.seed)
-    rest = S._abstract(state_spec.abstract_rest, state_spec.rest_shardings)
+    rest = shd.abstract_with_shardings(state_spec.abstract_rest, state_spec.rest_shardings)
     teacher = abstract_teacher(cfg, mesh) if cfg.kd.enabled else None
     train_fn = S.make_train_step(
         state_spec.graphdef,
