@@ -124,3 +124,19 @@ def test_compile_only_needs_a_topology(capsys):
     rc = main(["pretrain", "--preset", "tiny", "--compile-only"])
     assert rc == 2
     assert "--compile-only needs --topology" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_compile_only_with_a_distillation_teacher_from_its_config(tmp_path, capsys):
+    import json
+
+    from flax_narrow.config import EncoderConfig
+
+    teacher = EncoderConfig.tiny(vocab_size=2048, num_hidden_layers=3, max_position_embeddings=128)
+    (tmp_path / "config.json").write_text(json.dumps(teacher.to_hf_config()))
+    args = ["pretrain", "--preset", "tiny", "--compile-only", "--topology", "v4-8"]
+    rc = main([*args, "--set", f"kd.teacher={tmp_path}", "--set", "kd.kd_weight=1.0"])
+    assert rc == 0, capsys.readouterr().err
+    assert "fits: v4-8" in capsys.readouterr().out
+    rc = main([*args, "--set", f"kd.teacher={tmp_path / 'missing'}", "--set", "kd.kd_weight=1.0"])
+    assert rc == 2 and "reads the teacher's config.json from a local directory" in capsys.readouterr().err
