@@ -276,7 +276,7 @@ def main(argv=None) -> int:
             )
         if w == "bert128":
             members.append(
-                ("transformers eager", get_worker("flax|", sys.executable, "flax", ""), "", "transformers-eager")
+                ("transformers eager", get_worker("torch", sys.executable, "flax", ""), "", "transformers-eager")
             )
         else:
             members.append(("authors", get_worker("authors", authors_python, "authors", ""), "", "authors"))
