@@ -174,7 +174,10 @@ def load_model(cls: type, opened: OpenedSource, *, seed: int = 0, strict: bool =
     """
     config = opened.config
     assert config is not None
-    plan = plan_model_load(opened, cls, config, strict=strict)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(seed))))
+    flat_abs = _flat(abstract)
+    targets = {p: tuple(v.shape) for p, v in flat_abs.items() if isinstance(v, nnx.Param)}
+    plan = plan_model_load(opened, cls, config, strict=strict, targets=targets)
     if plan.fresh:
         log.warning("%s: newly initialised (not in the checkpoint): %s", cls.__name__, ", ".join(plan.fresh))
     if plan.dropped_heads:
@@ -191,8 +194,6 @@ def load_model(cls: type, opened: OpenedSource, *, seed: int = 0, strict: bool =
     # XLA drops the random init of every parameter that is loaded, so that costs nothing. The jitted function
     # is cached per (class, config, wanted paths) with the seed as an argument: loading the same kind of
     # checkpoint again compiles nothing.
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(seed))))
-    flat_abs = _flat(abstract)
     want = frozenset(plan.fresh) | {p for p, v in flat_abs.items() if not isinstance(v, nnx.Param)}
     values: dict[str, Any] = dict(_jitted_init(cls, config, want)(jax.random.key(seed)))
     pdtype = config.params_dtype

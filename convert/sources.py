@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from flax_narrow.config import EncoderConfig, read_json
-from flax_narrow.errors import CheckpointError
+from flax_narrow.errors import CheckpointError, ConfigError
 
 from . import gluonnlp, readers
 
@@ -117,13 +117,14 @@ def load_config_arg(config: EncoderConfig | str | os.PathLike | dict | None) -> 
     """A ``--config`` value: an EncoderConfig, or a JSON file (HF config.json, or a flax-narrow one)."""
     if config is None or isinstance(config, EncoderConfig):
         return config
-    raw = config if isinstance(config, dict) else read_json(os.fspath(config), what="config file")
+    where = "config" if isinstance(config, dict) else os.fspath(config)
+    raw = config if isinstance(config, dict) else read_json(where, what="config file")
     if "flax_narrow" in raw:
-        return EncoderConfig.from_dict(raw["flax_narrow"]["config"])
+        return flax_narrow_block(raw, where)[0]
     names = {f.name for f in dataclasses.fields(EncoderConfig)}
     if "model_type" not in raw and set(raw) <= names:  # an EncoderConfig.to_dict() dump
-        return EncoderConfig.from_dict(raw)
-    return EncoderConfig.from_hf_config(raw)
+        return _config(EncoderConfig.from_dict, raw, where)
+    return _config(EncoderConfig.from_hf_config, raw, where)
 
 
 def resolve_path(
@@ -150,6 +151,27 @@ def resolve_path(
         ) from None
 
 
+def flax_narrow_block(raw: dict[str, Any], where: str) -> tuple[EncoderConfig, str | None]:
+    """(config, architecture) of the ``flax_narrow`` block of a config.json (``convert`` / ``save_pretrained``).
+
+    Raises:
+      ConfigError: a block that is not ``{"config": {...}, "architecture": ...}``, or an invalid config.
+    """
+    block = raw["flax_narrow"]
+    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+        raise ConfigError(f"{where}: the flax_narrow block must be an object with a 'config' object")
+    arch = block.get("architecture")
+    return _config(EncoderConfig.from_dict, block["config"], where), arch if isinstance(arch, str) else None
+
+
+def _config(build: Any, raw: dict[str, Any], where: str) -> EncoderConfig:
+    """``build(raw)``, its ConfigError naming the file the fields came from."""
+    try:
+        return build(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, dict[str, Any]]:
     """(config, architecture or None, raw config.json) of a checkpoint directory.
 
@@ -164,10 +186,9 @@ def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, d
         raise CheckpointError(f"{directory}: no config.json (pass config=EncoderConfig(...) to load bare weights)")
     raw = read_json(path, what="config file")
     if "flax_narrow" in raw:
-        block = raw["flax_narrow"]
-        return EncoderConfig.from_dict(block["config"]), block.get("architecture"), raw
+        return (*flax_narrow_block(raw, path), raw)
     archs = raw.get("architectures") or [None]
-    return EncoderConfig.from_hf_config(raw), archs[0], raw
+    return _config(EncoderConfig.from_hf_config, raw, path), archs[0] if isinstance(archs, list) else None, raw
 
 
 def sniff_file(path: str) -> str:

@@ -20,7 +20,8 @@ class PreTrainedEncoder(nnx.Module):
 
     ``hf_architecture`` is the class's own name, which is the transformers (or NarrowBERT authors') class name
     that config.json's ``architectures`` carries; the other names of each class are in
-    :data:`flax_narrow.modeling.ARCHITECTURES`. Subclasses set ``base_model_prefix`` (``"bert"`` for task
+    :data:`flax_narrow.modeling.ARCHITECTURES`. A subclass defined outside flax-narrow keeps its parent's
+    (its checkpoints are the parent's architecture). Subclasses set ``base_model_prefix`` (``"bert"`` for task
     models holding ``self.bert``; ``""`` for the base model).
     """
 
@@ -31,7 +32,8 @@ class PreTrainedEncoder(nnx.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.hf_architecture = cls.__name__
+        if cls.__module__.startswith("flax_narrow.modeling."):
+            cls.hf_architecture = cls.__name__
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, seed: int = 0, **kwargs: Any) -> PreTrainedEncoder:

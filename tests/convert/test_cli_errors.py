@@ -65,6 +65,14 @@ def _bare_weights(tmp) -> str:
     return str(tmp / "weights.safetensors")
 
 
+def _broken_block(tmp) -> str:
+    src = _flax(tmp, fn.EncoderConfig.tiny())
+    raw = json.loads(open(os.path.join(src, "config.json")).read())
+    raw["flax_narrow"] = {"architecture": "BertForMaskedLM"}
+    _write(tmp / "flax" / "config.json", json.dumps(raw))
+    return src
+
+
 def _wrong_config(tmp) -> str:
     tiny_hf_config(hidden_size=64).to_json_file(tmp / "wrong.json")
     return str(tmp / "wrong.json")
@@ -105,6 +113,14 @@ CASES = {
         "--config",
         _write(t / "l.json", "[1]"),
     ],
+    "convert-config-bad-value": lambda t: [
+        "convert",
+        _hf(t),
+        t / "out" / "dst",
+        "--config",
+        _write(t / "v.json", '{"vocab_size": "many"}'),
+    ],
+    "convert-bad-flax-narrow-block": lambda t: ["convert", _broken_block(t), t / "out" / "dst"],
     "convert-config-contradicts-weights": lambda t: [
         "convert",
         _hf(t),

@@ -76,6 +76,11 @@ def test_the_table_is_consistent():
     assert MODEL_CLASSES == {a.cls.__name__: a.cls for a in ARCHITECTURES}
     assert all(a.cls.hf_architecture == a.cls.__name__ for a in ARCHITECTURES)
     assert fn.BortForMaskedLM.hf_architecture == "BertForMaskedLM"  # BORT's names are aliases of BERT's classes
+
+    class MyMaskedLM(fn.NarrowBertForMaskedLM):  # a user's subclass: its checkpoints are its parent's
+        pass
+
+    assert MyMaskedLM.hf_architecture == "NarrowBertForMaskedLM"
     names = [n for a in ARCHITECTURES for n in a.names]
     assert len(names) == len(set(names)), "a name read as two classes"
     assert {a.head for a in ARCHITECTURES if a.family == "bert"} == set(HEADS)
