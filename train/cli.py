@@ -66,6 +66,13 @@ def register(sub) -> None:
     p.add_argument("--init-from", default=None, help="initial weights: a converted/HF checkpoint or hub id")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for the MFU estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile the train step for --topology on this machine (no TPU; needs libtpu), print per-device "
+        "memory and FLOPs, exit 2 if it does not fit (docs/pods.md)",
+    )
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only: v4-32, v5p-8, v5e-16, v6e-8, ...")
     add_distributed_args(p)
     p.set_defaults(func=_cli)
 
@@ -142,6 +149,10 @@ def _cli(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if args.compile_only:
+        from .aot import compile_only_main
+
+        return compile_only_main(cfg, args.topology)
     init_distributed(args)
     import jax
 

@@ -6,6 +6,8 @@ Common call arguments (B batch, L length, P selected rows):
   token_type_ids: int32[B, L] or None; position_ids: int32[B, L] or None;
   narrow_positions: int32[B, P] ascending + narrow_valid: bool[B, P] (static P, jit-friendly), or
   narrow_mask: bool[B, L] (host-side convenience; P = the largest row count);
+  segment_ids: int32[B, L] or None: packed rows (documents numbered 1, 2, ... per row, padding 0); tokens
+    attend only within their segment and positions restart in each (``BertModel``, ``BertForMaskedLM``);
   deterministic: no dropout when True (default); rngs come from the module's ``nnx.Rngs``.
 """
 
@@ -28,6 +30,7 @@ from flax_narrow.modeling.outputs import (
     TokenClassifierOutput,
 )
 from flax_narrow.ops.gather import gather_rows
+from flax_narrow.ops.packing import segment_position_ids
 
 
 class BertModel(PreTrainedEncoder):
@@ -55,6 +58,7 @@ class BertModel(PreTrainedEncoder):
         narrow_valid=None,
         narrow_mask=None,
         cls_only: bool = False,
+        segment_ids=None,
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -64,6 +68,10 @@ class BertModel(PreTrainedEncoder):
         if attention_mask is None:
             attention_mask = input_ids != cfg.pad_token_id
         key_mask_bl = jnp.asarray(attention_mask).astype(bool)
+        if segment_ids is not None:  # packed rows: positions restart in every segment
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+            if position_ids is None:
+                position_ids = segment_position_ids(segment_ids) + cfg.position_offset
         positions, valid = resolve_narrow(
             cfg, input_ids, narrow_positions, narrow_valid, narrow_mask, cls_only=cls_only
         )
@@ -71,6 +79,7 @@ class BertModel(PreTrainedEncoder):
         kw = dict(
             deterministic=deterministic, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
+        kw["segment_ids_bl"] = segment_ids
         if cfg.is_narrow:
             hidden, states, attns = self.encoder(x, key_mask_bl, positions, **kw)
             pooled = self.pooler(hidden) if self.pooler is not None else None  # row 0 = first selected row
@@ -145,6 +154,7 @@ class BertForMaskedLM(PreTrainedEncoder):
         narrow_positions=None,
         narrow_valid=None,
         narrow_mask=None,
+        segment_ids=None,
         deterministic=True,
         output_hidden_states=False,
         output_attentions=False,
@@ -158,6 +168,7 @@ class BertForMaskedLM(PreTrainedEncoder):
             narrow_positions=narrow_positions,
             narrow_valid=narrow_valid,
             narrow_mask=narrow_mask,
+            segment_ids=segment_ids,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
