@@ -118,6 +118,12 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 4
+    # Wall-clock limits, in seconds of training steps (compilation, evaluation and checkpoints not counted),
+    # checked at each log flush (every log_every steps): stop once max_seconds have passed (the schedule
+    # still spans ``steps``; None: no limit), and evaluate each time another eval_every_seconds have passed
+    # (0: off), so that runs of different speeds can be compared at equal time.
+    max_seconds: float | None = None
+    eval_every_seconds: float = 0.0
     progress_bar: bool = True
     # Peak FLOP/s per device for the MFU estimate; None looks the device kind up in a table.
     peak_tflops: float | None = None
@@ -170,6 +176,11 @@ class TrainConfig:
         )
         _need(self.eval_every >= 0, w, f"eval_every must be >= 0 (0: never), got {self.eval_every}")
         _need(self.eval_batches >= 1, w, f"eval_batches must be >= 1, got {self.eval_batches}")
+        if self.max_seconds is not None:
+            _need(self.max_seconds > 0, w, f"max_seconds must be > 0 or null, got {self.max_seconds}")
+        _need(
+            self.eval_every_seconds >= 0, w, f"eval_every_seconds must be >= 0 (0: off), got {self.eval_every_seconds}"
+        )
         if self.peak_tflops is not None:
             _need(self.peak_tflops > 0, w, f"peak_tflops must be > 0, got {self.peak_tflops}")
 

@@ -1,0 +1,50 @@
+"""``train.max_seconds`` and ``train.eval_every_seconds``: runs stopped and evaluated by training time."""
+
+import pytest
+from train_helpers import small_overrides
+
+from flax_narrow.errors import ConfigError
+from flax_narrow.train.config import load_config
+from flax_narrow.train.loop import pretrain
+
+
+def test_time_budget_stops_the_run_and_evaluates_on_the_clock(tmp_path, data_cache):
+    budget, every = 3.0, 1.0
+    sets = small_overrides(
+        data_cache,
+        **{
+            "train.steps": 100_000,
+            "train.max_seconds": budget,
+            "train.eval_every_seconds": every,
+            "train.eval_batches": 1,
+            "data.eval_fraction": 0.1,
+            "train.log_every": 2,
+            "output_dir": str(tmp_path / "run"),
+        },
+    )
+    r = pretrain(load_config("tiny", None, sets))
+    assert 0 < r.final_step < 100_000 and not r.preempted
+    assert r.final_step % 2 == 0  # the clock is read at log flushes only
+    times = [e["train_seconds"] for e in r.evals]
+    assert r.evals[-1]["step"] == r.final_step and times[-1] >= budget
+    # one evaluation at the first flush past each mark; the last mark is the end of the budget
+    marks = [every * (k + 1) for k in range(len(times))]
+    assert len(times) >= int(budget / every) and all(t >= m for t, m in zip(times, marks)), (times, marks)
+    assert times == sorted(times) and len({e["step"] for e in r.evals}) == len(r.evals)
+    assert (tmp_path / "run" / "checkpoints" / str(r.final_step)).is_dir()  # the end saves, as the last step does
+
+
+def test_eval_every_seconds_alone_builds_the_eval_split(tmp_path, data_cache):
+    sets = small_overrides(
+        data_cache, **{"train.steps": 4, "train.eval_every_seconds": 1e-6, "train.eval_batches": 1}
+    )
+    r = pretrain(load_config("tiny", None, sets + ["data.eval_fraction=0.1"]))
+    assert [e["step"] for e in r.evals] == [1, 2, 3, 4]  # log_every=1: every flush is past the next mark
+    with pytest.raises(ConfigError, match="eval_every_seconds"):
+        pretrain(load_config("tiny", None, sets + ["data.eval_fraction=0"]))
+
+
+@pytest.mark.parametrize("setting", ["train.max_seconds=0", "train.eval_every_seconds=-1"])
+def test_bad_time_settings_are_refused(setting):
+    with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[1]):
+        load_config("tiny", None, [setting])
