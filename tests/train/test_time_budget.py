@@ -35,9 +35,7 @@ def test_time_budget_stops_the_run_and_evaluates_on_the_clock(tmp_path, data_cac
 
 
 def test_eval_every_seconds_alone_builds_the_eval_split(tmp_path, data_cache):
-    sets = small_overrides(
-        data_cache, **{"train.steps": 4, "train.eval_every_seconds": 1e-6, "train.eval_batches": 1}
-    )
+    sets = small_overrides(data_cache, **{"train.steps": 4, "train.eval_every_seconds": 1e-6, "train.eval_batches": 1})
     r = pretrain(load_config("tiny", None, sets + ["data.eval_fraction=0.1"]))
     assert [e["step"] for e in r.evals] == [1, 2, 3, 4]  # log_every=1: every flush is past the next mark
     with pytest.raises(ConfigError, match="eval_every_seconds"):
