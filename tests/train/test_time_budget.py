@@ -6,6 +6,7 @@ from train_helpers import small_overrides
 from flax_narrow.errors import ConfigError
 from flax_narrow.train.config import load_config
 from flax_narrow.train.loop import pretrain
+from flax_narrow.train.metrics import read_jsonl
 
 
 def test_time_budget_stops_the_run_and_evaluates_on_the_clock(tmp_path, data_cache):
@@ -25,12 +26,21 @@ def test_time_budget_stops_the_run_and_evaluates_on_the_clock(tmp_path, data_cac
     r = pretrain(load_config("tiny", None, sets))
     assert 0 < r.final_step < 100_000 and not r.preempted
     assert r.final_step % 2 == 0  # the clock is read at log flushes only
-    times = [e["train_seconds"] for e in r.evals]
-    assert r.evals[-1]["step"] == r.final_step and times[-1] >= budget
-    # one evaluation at the first flush past each mark; the last mark is the end of the budget
-    marks = [every * (k + 1) for k in range(len(times))]
-    assert len(times) >= int(budget / every) and all(t >= m for t, m in zip(times, marks)), (times, marks)
-    assert times == sorted(times) and len({e["step"] for e in r.evals}) == len(r.evals)
+    # The flushes' training time, summed from the per-window seconds in metrics.jsonl, says which flushes
+    # crossed the next mark (and which ended the run): exactly those steps were evaluated.
+    recs = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    clock, expected, mark = 0.0, [], every
+    for step in sorted(s for s in recs if "seconds" in recs[s]):
+        clock += recs[step]["seconds"]
+        if clock >= mark or clock >= budget:
+            expected.append((step, clock))
+            while mark <= clock:
+                mark += every
+        if clock >= budget:
+            break
+    assert [e["step"] for e in r.evals] == [s for s, _ in expected]
+    assert [e["train_seconds"] for e in r.evals] == pytest.approx([c for _, c in expected])
+    assert r.evals[-1]["step"] == r.final_step and r.evals[-1]["train_seconds"] >= budget
     assert (tmp_path / "run" / "checkpoints" / str(r.final_step)).is_dir()  # the end saves, as the last step does
 
 
