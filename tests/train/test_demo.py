@@ -107,7 +107,7 @@ def test_the_printed_finetune_command_runs(small_demo, capsys):
     _, figures, _ = small_demo
     argv = figures["finetune_command"]
     assert argv[:2] == ["flax-narrow", "finetune"]
-    assert main(argv[2:]) == 0
+    assert main(argv[1:]) == 0
     out = capsys.readouterr().out
     assert '"best_accuracy"' in out
     assert os.listdir(argv[argv.index("--output-dir") + 1])
