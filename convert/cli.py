@@ -11,8 +11,7 @@ import argparse
 import json
 
 from flax_narrow.errors import CheckpointError
-
-from .conversion import HEADS
+from flax_narrow.modeling import HEADS
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -1,11 +1,11 @@
 """Checkpoint → flax-narrow checkpoint, streamed: no model is materialised and no tensor is held longer than it
 takes to write it, so memory stays near the largest tensor (plus what the reader maps).
 
-The plan comes from the same pieces ``from_pretrained`` uses (the model's abstract parameter tree from
-``nnx.eval_shape``, :func:`flax_narrow.convert.keymap.plan_load`, ``check_layer_layout``); only the last step
-differs: each source tensor is transformed and cast on its own and written straight into
-``flax_model.safetensors`` in a temporary directory, which is renamed into place when complete (and, with
-``verify=True``, only after the converted checkpoint matched the PyTorch model).
+The plan (:mod:`flax_narrow.convert.plan`) comes from the same pieces ``from_pretrained`` uses (the opened
+source, the model's abstract parameter tree from ``nnx.eval_shape``, :func:`flax_narrow.convert.loading.
+plan_model_load`); only the last step differs: each source tensor is transformed and cast on its own and written
+straight into ``flax_model.safetensors`` in a temporary directory, which is renamed into place when complete
+(and, with ``verify=True``, only after the converted checkpoint matched the PyTorch model).
 """
 
 from __future__ import annotations
@@ -13,261 +13,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from flax_narrow.config import EncoderConfig, canonical_dtype
-from flax_narrow.errors import CheckpointError, ConfigError
+from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import CheckpointError, NoTorchReference
+from flax_narrow.modeling import HEADS, architecture_for, architecture_of  # noqa: F401  (HEADS: re-exported)
 
-from . import keymap, sources, writers
-from .readers import FLAX_WEIGHTS, TensorSource
+from . import export, loading, sources, verify, writers
+from .plan import (  # noqa: F401  (re-exported: conversion's names before the plan had a module)
+    CHUNK_BYTES,
+    ConversionPlan,
+    VerifyResult,
+    check_destination,
+    head_class,
+    lazy_tensor,
+    model_class,
+    plan_conversion,
+    storage_dtype_for,
+    tensor_specs,
+)
+from .readers import FLAX_WEIGHTS
 
 log = logging.getLogger(__name__)
-
-CHUNK_BYTES = 8 * 2**20  # tensors above this (untransformed) are converted in row blocks of this size
-
-# --head choices -> the architecture kept
-HEADS = {
-    "base": "BertModel",
-    "mlm": "BertForMaskedLM",
-    "sequence-classification": "BertForSequenceClassification",
-    "token-classification": "BertForTokenClassification",
-    "multiple-choice": "BertForMultipleChoice",
-    "question-answering": "BertForQuestionAnswering",
-}
-_FAMILY_PREFIX = re.compile(r"^(XLMRoberta|Roberta|NarrowBert|Bort)")
-_ALIASES = {"BertForPreTraining": "BertForMaskedLM", "BertLMHeadModel": "BertForMaskedLM"}
-
-
-def canonical_architecture(architecture: str) -> str:
-    """The BERT spelling of an architecture name: ``RobertaForMaskedLM`` -> ``BertForMaskedLM``."""
-    name = _FAMILY_PREFIX.sub("Bert", architecture)
-    return _ALIASES.get(name, name)
-
-
-def model_class(architecture: str, config: EncoderConfig) -> type:
-    """Our class for a transformers architecture name (``RobertaForMaskedLM``, ``NarrowBertModel``, ...)."""
-    from flax_narrow.modeling import MODEL_CLASSES
-
-    name = canonical_architecture(architecture)
-    if name not in MODEL_CLASSES:
-        raise ConfigError(
-            f"architecture {architecture!r} is not one flax-narrow implements; pass --head "
-            f"({', '.join(HEADS)}) to choose what to keep"
-        )
-    if config.is_narrow:  # same code, but the NarrowBERT name goes into the checkpoint
-        return MODEL_CLASSES.get("NarrowBert" + name[len("Bert") :], MODEL_CLASSES[name])
-    return MODEL_CLASSES[name]
-
-
-def _guess_architecture(keys: list[str]) -> str:
-    def has(pattern: str) -> bool:
-        return any(re.search(pattern, k) for k in keys)
-
-    if has(r"(^|\.)(cls\.predictions|lm_head)\."):
-        return "BertForMaskedLM"
-    if has(r"^qa_outputs\."):
-        return "BertForQuestionAnswering"
-    if has(r"^classifier\."):
-        return "BertForSequenceClassification" if has(r"pooler\.dense\.") else "BertForTokenClassification"
-    return "BertModel"
-
-
-def _find(shapes: dict[str, tuple[int, ...]], pattern: str) -> tuple[str, tuple[int, ...]] | None:
-    for key, shape in shapes.items():
-        if re.search(pattern, key):
-            return key, tuple(shape)
-    return None
-
-
-def check_config_against_shapes(config: EncoderConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    """Name the first config field that the weights contradict (instead of a list of every mis-shaped key).
-
-    Raises:
-      ConfigError: e.g. "config says hidden_size=512 but bert.embeddings.word_embeddings.weight is (99, 32)".
-    """
-    checks = [
-        (r"embeddings\.word_embeddings\.(weight|embedding)$", ("vocab_size", "hidden_size")),
-        (r"embeddings\.position_embeddings\.(weight|embedding)$", ("max_position_embeddings", "hidden_size")),
-        (r"embeddings\.token_type_embeddings\.(weight|embedding)$", ("type_vocab_size", "hidden_size")),
-        (r"encoder\.layer\.0\.intermediate\.dense\.weight$", ("intermediate_size", "hidden_size")),
-        (r"encoder\.layer\.0\.intermediate\.dense\.kernel$", ("hidden_size", "intermediate_size")),
-    ]
-    for pattern, fields in checks:
-        hit = _find(shapes, r"(^|\.)" + pattern)
-        if hit is None:
-            continue
-        key, shape = hit
-        want = tuple(getattr(config, f) for f in fields)
-        if shape != want:
-            said = ", ".join(f"{f}={getattr(config, f)}" for f in fields)
-            raise ConfigError(
-                f"{where}: the config says {said} but {key} has shape {shape}; fix config.json or pass --config"
-            )
-    if config.type_vocab_size and not _find(shapes, r"embeddings\.token_type_embeddings\."):
-        if _find(shapes, r"embeddings\.word_embeddings\."):
-            raise ConfigError(
-                f"{where}: the config says type_vocab_size={config.type_vocab_size} but the weights have no "
-                "token_type_embeddings; set type_vocab_size to 0 in the config"
-            )
-
-
-@dataclasses.dataclass
-class ConversionPlan:
-    """What a conversion will write (before anything is written)."""
-
-    opened: sources.OpenedSource
-    config: EncoderConfig
-    model_class: type
-    load: keymap.LoadPlan
-    targets: dict[str, tuple[int, ...]]  # flax path -> shape, of the parameters written
-    notes: list[str]
-
-    @property
-    def architecture(self) -> str:
-        return self.model_class.hf_architecture
-
-
-def _target_shapes(cls: type, config: EncoderConfig) -> dict[str, tuple[int, ...]]:
-    from flax import nnx
-
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    return {
-        ".".join(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    }
-
-
-def plan_conversion(
-    opened: sources.OpenedSource, *, head: str = "auto", strict: bool = False, raise_problems: bool = True
-) -> ConversionPlan:
-    """Match a checkpoint to the parameters of the architecture to keep, strictly.
-
-    Args:
-      opened: from :func:`flax_narrow.convert.sources.open_source`.
-      head: 'auto' (the checkpoint's architecture, else guessed from its keys) or one of ``HEADS``.
-      strict: parameters of the kept architecture absent from the checkpoint are an error (by default the
-        pooler/head is left out of the output and ``from_pretrained`` initialises it, with a warning).
-      raise_problems: raise on key problems (else they stay in ``plan.load.problems``, for ``inspect``).
-
-    Raises:
-      ConfigError: the config contradicts the weights.
-      CheckpointError: missing, unexpected or mis-shaped keys (all named).
-    """
-    config, where, src = opened.config, opened.path, opened.source
-    assert config is not None
-    keys = src.keys()
-    shapes = {k: tuple(src.shape(k)) for k in keys}
-    notes: list[str] = []
-    if head == "auto":
-        arch = opened.architecture or _guess_architecture(keys)
-    elif head in HEADS:
-        arch = HEADS[head]
-    else:
-        raise ConfigError(f"unknown head {head!r}; choose one of auto, {', '.join(HEADS)}")
-    cls = model_class(arch, config)
-    if opened.key_format == "hf":
-        from flax_narrow.pretrained import check_layer_layout
-
-        check_layer_layout(keys, config, where)
-    check_config_against_shapes(config, shapes, where)
-    targets = _target_shapes(cls, config)
-    load = keymap.plan_load(
-        targets,
-        shapes,
-        source_format=opened.key_format,
-        full_length_layers=config.full_length_layers,
-        allow_fresh=not strict,
-    )
-    if load.problems and raise_problems:
-        raise CheckpointError(f"{where}: cannot convert to {cls.__name__}: " + "; ".join(load.problems))
-    if load.fresh:
-        notes.append(
-            f"not in the checkpoint, left for from_pretrained to initialise: {_summarise(load.fresh)} "
-            "(use --strict to refuse)"
-        )
-    if load.dropped_heads:
-        notes.append(f"dropped (not part of {cls.__name__}): {_summarise(load.dropped_heads)}")
-    stale = stale_decoder_gap(src, load)
-    if stale:
-        notes.append(
-            f"untied MLM decoder copy differs from the word embeddings by up to {stale:.3g}: ignored, the decoder "
-            "is tied to the word embeddings"
-        )
-    written = {p: s for p, s in targets.items() if p in load.assignments}
-    return ConversionPlan(opened, config, cls, load, written, notes)
-
-
-def _summarise(names: list[str], limit: int = 6) -> str:
-    head = ", ".join(names[:limit])
-    return head + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def stale_decoder_gap(src: TensorSource, load: keymap.LoadPlan, blocks: int = 64, rows: int = 32) -> float:
-    """Max |decoder copy - word embeddings| over evenly spread row blocks, when a checkpoint stores an untied
-    copy; 0 when it does not. Sampled, so as not to read the (ignored) copy whole: the copy is dropped either
-    way, the figure only tells the user how stale it was."""
-    dec = next((k for k in load.ignored if k.endswith("decoder.weight")), None)
-    emb = next((key for key, _ in load.assignments.values() if key.endswith("word_embeddings.weight")), None)
-    if dec is None or emb is None or src.shape(dec) != src.shape(emb):
-        return 0.0
-    n = src.shape(dec)[0]
-    gap = 0.0
-    for start in sorted({int(s) for s in np.linspace(0, max(n - rows, 0), blocks)}):
-        a = src.get_rows(dec, start, start + rows).astype(np.float32)
-        b = src.get_rows(emb, start, start + rows).astype(np.float32)
-        gap = max(gap, float(np.abs(a - b).max(initial=0.0)))
-    return gap
-
-
-def lazy_tensor(
-    src: TensorSource, key: str, transform: str | None, dtype: np.dtype
-) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
-    """A producer for :class:`writers.TensorSpec`: the transformed, cast tensor; large untransformed tensors
-    (embedding tables) come as row blocks, so no whole copy in the output dtype is ever held."""
-
-    def produce() -> np.ndarray | Iterator[np.ndarray]:
-        shape = src.shape(key)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * max(dtype.itemsize, 4)
-        if transform is not None or len(shape) == 0 or shape[0] * row_bytes <= CHUNK_BYTES:
-            return keymap.TRANSFORMS[transform](src.get(key)).astype(dtype, copy=False)
-        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-        return (
-            src.get_rows(key, i, min(i + step, shape[0])).astype(dtype, copy=False) for i in range(0, shape[0], step)
-        )
-
-    return produce
-
-
-def storage_dtype_for(choice: str | None, param_dtype: str, source_dtype: str) -> np.dtype:
-    """The dtype a tensor is written in: 'param' (the config's param dtype), 'source', or a dtype name."""
-    if choice in (None, "param"):
-        return np.dtype(canonical_dtype(param_dtype))
-    if choice == "source":
-        dt = np.dtype(canonical_dtype(sources.dtype_name(source_dtype)))
-        return dt if dt.kind == "f" or dt.name == "bfloat16" else np.dtype(np.float32)
-    try:
-        dt = np.dtype(canonical_dtype(choice))
-    except TypeError:
-        raise ConfigError(f"storage dtype {choice!r} is not a dtype name") from None
-    if not (dt.kind == "f" or dt.name == "bfloat16"):
-        raise ConfigError(f"storage dtype must be a float dtype, got {dt.name}")
-    return dt
-
-
-def tensor_specs(plan: ConversionPlan, storage: str | None) -> list[writers.TensorSpec]:
-    """One lazily produced tensor per written parameter: read, transform (transpose), cast."""
-    src = plan.opened.source
-    specs = []
-    for path in sorted(plan.load.assignments):
-        key, transform = plan.load.assignments[path]
-        dt = storage_dtype_for(storage, plan.config.param_dtype, src.dtype(key))
-
-        specs.append(writers.TensorSpec(path, dt, plan.targets[path], lazy_tensor(src, key, transform, dt)))
-    return specs
 
 
 def write_checkpoint_files(
@@ -292,17 +62,6 @@ def write_checkpoint_files(
 
 
 @dataclasses.dataclass
-class VerifyResult:
-    """``--verify`` outcome: the compared output and its max abs difference, or why it was skipped."""
-
-    output: str | None = None
-    shape: tuple[int, ...] | None = None
-    max_abs_diff: float | None = None
-    reference: str | None = None
-    skipped: str | None = None
-
-
-@dataclasses.dataclass
 class ConversionReport:
     destination: str
     layout: str
@@ -314,19 +73,6 @@ class ConversionReport:
     storage_dtypes: list[str]
     notes: list[str]
     verification: VerifyResult | None = None
-
-
-def check_destination(src: str, dst: str | os.PathLike, overwrite: bool) -> str:
-    """Refuse early (before any work) a destination that exists without ``overwrite`` or that is the source."""
-    dest = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dest) and not overwrite:
-        raise CheckpointError(f"{dest}: already exists; pass --overwrite (overwrite=True) to replace it")
-    if os.path.exists(src):
-        s = os.path.realpath(src)
-        d = os.path.realpath(dest)
-        if d == s or s.startswith(d + os.sep) or (os.path.isdir(s) and d.startswith(s + os.sep)):
-            raise CheckpointError(f"{dest}: the destination must not be, contain, or lie inside the source {src}")
-    return dest
 
 
 def convert_checkpoint(
@@ -412,25 +158,21 @@ def verify_conversion(opened: sources.OpenedSource, plan: ConversionPlan, conver
         import transformers  # noqa: F401
     except ImportError:
         return VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.pretrained import from_pretrained
-
-    from .verify import NoTorchReference, random_batch, verify_against_torch
-
     cfg = plan.config
     torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"
-    model = from_pretrained(plan.model_class, converted_dir, dtype="float32", param_dtype="float32")
-    batch = random_batch(model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset))
+    model = loading.load_checkpoint(plan.model_class, converted_dir, dtype="float32", param_dtype="float32")
+    batch = verify.random_batch(
+        model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset)
+    )
     with tempfile.TemporaryDirectory(prefix=".flax-narrow-verify-") as scratch:
         if opened.kind in ("safetensors", "pytorch"):
             ref_dir, reference = _hf_view(opened, plan, scratch), f"{torch_side} on the source checkpoint"
         else:
-            from .export import export_checkpoint
-
             ref_dir = os.path.join(scratch, "hf")
-            export_checkpoint(converted_dir, ref_dir, copy_tokenizer=False)
+            export.export_checkpoint(converted_dir, ref_dir, copy_tokenizer=False)
             reference = f"{torch_side} on an HF export of the converted weights"
         try:
-            v = verify_against_torch(model, ref_dir, batch)
+            v = verify.verify_against_torch(model, ref_dir, batch)
         except NoTorchReference as e:  # no PyTorch class for this architecture
             return VerifyResult(skipped=str(e))
         except Exception as e:  # PyTorch failed on the reference: the user asked for a check, so fail
@@ -456,9 +198,8 @@ def _hf_view(opened: sources.OpenedSource, plan: ConversionPlan, scratch: str) -
         for f in os.listdir(d):
             if f != "config.json":
                 os.symlink(os.path.join(d, f), os.path.join(view, f))
-    arch = canonical_architecture(plan.architecture)
-    if plan.config.model_type == "roberta":
-        arch = "Roberta" + arch[len("Bert") :]
+    row = architecture_for(architecture_of(plan.model_class).head, narrow=False)
+    arch = (row.torch_roberta if plan.config.model_type == "roberta" else None) or row.name
     writers.write_json(os.path.join(view, "config.json"), plan.config.to_hf_config(architectures=[arch]))
     return view
 

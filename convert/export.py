@@ -25,9 +25,11 @@ import shutil
 import numpy as np
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.errors import CheckpointError
+from flax_narrow.errors import CheckpointError, ConfigError, NoTorchReference
+from flax_narrow.modeling import ARCHITECTURES, architecture_for, architecture_named
 
-from . import conversion, keymap, sources, writers
+from . import keymap, loading, sources, verify, writers
+from .plan import ConversionPlan, VerifyResult, check_destination, lazy_tensor, plan_conversion, storage_dtype_for
 
 HF_WEIGHTS = "model.safetensors"
 EXPORT_RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -38,7 +40,7 @@ EXPORT_RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"^cls\.predictions\.bias$", "lm_head.bias"),
     ],
 }
-ROBERTA_EXPORTABLE = ("BertModel", "BertForMaskedLM")
+ROBERTA_EXPORTABLE = tuple(a.name for a in ARCHITECTURES if a.torch_roberta)
 _LAYER = re.compile(r"(^|\.)encoder\.layer\.(\d+)\.")
 
 
@@ -58,19 +60,26 @@ def hf_export_key(flax_path: str, config: EncoderConfig) -> tuple[str, str | Non
     return key, transform
 
 
-def hf_architecture_name(architecture: str, config: EncoderConfig) -> str:
-    """The transformers (or NarrowBERT authors') class name for one of our architectures."""
-    base = conversion.canonical_architecture(architecture)
+def hf_architecture_name(architecture: str, config: EncoderConfig, where: str | None = None) -> str:
+    """The transformers (or NarrowBERT authors') class name for one of our architectures.
+
+    Raises:
+      CheckpointError: a RoBERTa-typed head that transformers' RoBERTa classes do not share with BERT.
+      ConfigError: an architecture name flax-narrow does not implement.
+    """
+    at = where + ": " if where else ""
+    named = architecture_named(architecture)
+    if named is None:
+        raise ConfigError(f"{at}architecture {architecture!r} is not one flax-narrow implements")
+    row = architecture_for(named.head, config.is_narrow)
     if config.model_type == "roberta":
-        if base not in ROBERTA_EXPORTABLE:
+        if row.torch_roberta is None:
             raise CheckpointError(
-                f"exporting a RoBERTa-typed {base} is not supported (only {', '.join(ROBERTA_EXPORTABLE)}): "
+                f"{at}exporting a RoBERTa-typed {row.name} is not supported (only {', '.join(ROBERTA_EXPORTABLE)}): "
                 "transformers' RoBERTa task heads differ from BERT's"
             )
-        return "Roberta" + base[len("Bert") :]
-    if config.is_narrow:
-        return "NarrowBert" + base[len("Bert") :]
-    return base
+        return row.torch_roberta
+    return row.name
 
 
 @dataclasses.dataclass
@@ -81,10 +90,10 @@ class ExportReport:
     num_tensors: int
     bytes_written: int
     notes: list[str]
-    verification: conversion.VerifyResult | None = None
+    verification: VerifyResult | None = None
 
 
-def _export_specs(plan: conversion.ConversionPlan, storage: str | None) -> tuple[list[writers.TensorSpec], dict]:
+def _export_specs(plan: ConversionPlan, storage: str | None) -> tuple[list[writers.TensorSpec], dict]:
     cfg, src = plan.config, plan.opened.source
     specs: list[writers.TensorSpec] = []
     prefix = "bert." if any(p.startswith("bert.") for p in plan.load.assignments) else ""
@@ -93,10 +102,10 @@ def _export_specs(plan: conversion.ConversionPlan, storage: str | None) -> tuple
         hf_key, t = hf_export_key(path, cfg)
         shape = plan.targets[path]
         hf_shape = tuple(reversed(shape)) if t == "transpose" else tuple(shape)
-        dt = conversion.storage_dtype_for(storage or "source", cfg.param_dtype, src.dtype(key))
+        dt = storage_dtype_for(storage or "source", cfg.param_dtype, src.dtype(key))
 
         assert keymap.flax_to_hf_transform(t) is keymap.TRANSFORMS[t]  # every transform is its own inverse
-        specs.append(writers.TensorSpec(hf_key, dt, hf_shape, conversion.lazy_tensor(src, key, t, dt)))
+        specs.append(writers.TensorSpec(hf_key, dt, hf_shape, lazy_tensor(src, key, t, dt)))
     hf_config = cfg.to_hf_config()
     dt = specs[0].dtype if specs else np.dtype(np.float32)
     h = cfg.hidden_size
@@ -146,7 +155,7 @@ def export_checkpoint(
       CheckpointError: the source is not a flax-narrow checkpoint, is incomplete, or cannot be exported.
     """
     src = os.fspath(src)
-    dest = conversion.check_destination(src, dst, overwrite)
+    dest = check_destination(src, dst, overwrite)
     opened = sources.open_source(src)
     try:
         if opened.kind != "flax-narrow":
@@ -154,8 +163,8 @@ def export_checkpoint(
                 f"{src}: is a {opened.layout} checkpoint, not a flax-narrow one; `flax-narrow export` writes "
                 "flax-narrow checkpoints (made by `flax-narrow convert` or save_pretrained) back to HF format"
             )
-        plan = conversion.plan_conversion(opened)
-        arch = hf_architecture_name(plan.architecture, plan.config)
+        plan = plan_conversion(opened)
+        arch = hf_architecture_name(plan.architecture, plan.config, src)
         specs, hf_config = _export_specs(plan, storage_dtype)
         hf_config["architectures"] = [arch]
         notes = [n.replace("left for from_pretrained", "transformers will") for n in plan.notes]
@@ -188,31 +197,29 @@ def export_checkpoint(
     return report
 
 
-def _verify_export(plan: conversion.ConversionPlan, src: str, exported: str) -> conversion.VerifyResult:
+def _verify_export(plan: ConversionPlan, src: str, exported: str) -> VerifyResult:
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        return conversion.VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
-    from flax_narrow.pretrained import from_pretrained
-
-    from .verify import NoTorchReference, random_batch, verify_against_torch
-
+        return VerifyResult(skipped="torch is not installed (pip install 'flax-narrow[torch]')")
     cfg = plan.config
     torch_side = "the PyTorch NarrowBERT (flax_narrow.convert.torch_narrowbert)" if cfg.is_narrow else "transformers"
-    model = from_pretrained(plan.model_class, src, dtype="float32", param_dtype="float32")
-    batch = random_batch(model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset))
+    model = loading.load_checkpoint(plan.model_class, src, dtype="float32", param_dtype="float32")
+    batch = verify.random_batch(
+        model.config, batch=2, length=min(16, cfg.max_position_embeddings - cfg.position_offset)
+    )
     try:
-        v = verify_against_torch(model, exported, batch)
+        v = verify.verify_against_torch(model, exported, batch)
     except NoTorchReference as e:  # no PyTorch class for this architecture
-        return conversion.VerifyResult(skipped=str(e))
+        return VerifyResult(skipped=str(e))
     except Exception as e:  # PyTorch cannot load the export: that is a failed verification
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(
             f"{src}: --verify: {torch_side} could not load the export ({type(e).__name__}: {first}); nothing "
             "was written"
         ) from None
-    return conversion.VerifyResult(v.output, v.shape, v.max_abs_diff, f"{torch_side} on the export")
+    return VerifyResult(v.output, v.shape, v.max_abs_diff, f"{torch_side} on the export")
 
 
 def describe(report: ExportReport) -> list[str]:

@@ -97,10 +97,6 @@ def gluon_to_hf_key(name: str) -> str | None:
     return None
 
 
-class _Truncated(Exception):
-    pass
-
-
 class GluonParamsSource(TensorSource):
     """An MXNet ``.params`` file as a lazy tensor source, keyed by the file's own (GluonNLP) names."""
 
@@ -135,58 +131,58 @@ class GluonParamsSource(TensorSource):
         mm, path, size = self._mm, self.path, len(self._mm)
         pos = 16
 
+        def truncated() -> CheckpointError:
+            return CheckpointError(
+                f"{path}: truncated ({size} bytes; the data ends early at offset {pos}); re-download bort.params"
+            )
+
         def read(fmt: str) -> tuple:
             nonlocal pos
             n = struct.calcsize(fmt)
             if pos + n > size:
-                raise _Truncated
+                raise truncated()
             out = struct.unpack_from(fmt, mm, pos)
             pos += n
             return out
 
-        try:
-            (count,) = read("<Q")
-            if count > size:
-                raise CheckpointError(f"{path}: corrupt header (claims {count} arrays in {size} bytes)")
-            arrays = []
-            for index in range(count):
-                (nd_magic, stype) = read("<Ii")
-                if nd_magic not in NDARRAY_MAGICS:
-                    raise CheckpointError(
-                        f"{path}: array {index} at offset {pos - 8}: magic 0x{nd_magic:X}, expected 0xF993FAC9 "
-                        "(MXNet NDArray V2); the file is corrupt or from an unsupported MXNet version"
-                    )
-                if stype != 0:
-                    raise CheckpointError(f"{path}: array {index} has storage type {stype}; only dense (0) is read")
-                (ndim,) = read("<I" if ndim_width == 4 else "<Q")
-                if ndim > 32:
-                    raise CheckpointError(f"{path}: array {index}: implausible ndim {ndim}")
-                shape = read(f"<{ndim}q")
-                if any(d < 0 for d in shape):
-                    raise CheckpointError(f"{path}: array {index}: negative dimension in shape {shape}")
-                _dev_type, _dev_id, flag = read("<iii")
-                if flag not in DTYPE_FLAGS:
-                    raise CheckpointError(f"{path}: array {index}: unsupported dtype flag {flag}")
-                dtype = np.dtype(DTYPE_FLAGS[flag])
-                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                if pos + nbytes > size:
-                    raise _Truncated
-                arrays.append((dtype, tuple(shape), pos))
-                pos += nbytes
-            (n_names,) = read("<Q")
-            if n_names != count:
-                raise CheckpointError(f"{path}: {count} arrays but {n_names} names; the file is corrupt")
-            names = []
-            for _ in range(n_names):
-                (length,) = read("<Q")
-                if pos + length > size:
-                    raise _Truncated
-                names.append(bytes(mm[pos : pos + length]).decode("utf-8", errors="replace"))
-                pos += length
-        except _Truncated:
-            raise CheckpointError(
-                f"{path}: truncated ({size} bytes; the data ends early at offset {pos}); re-download bort.params"
-            ) from None
+        (count,) = read("<Q")
+        if count > size:
+            raise CheckpointError(f"{path}: corrupt header (claims {count} arrays in {size} bytes)")
+        arrays = []
+        for index in range(count):
+            (nd_magic, stype) = read("<Ii")
+            if nd_magic not in NDARRAY_MAGICS:
+                raise CheckpointError(
+                    f"{path}: array {index} at offset {pos - 8}: magic 0x{nd_magic:X}, expected 0xF993FAC9 "
+                    "(MXNet NDArray V2); the file is corrupt or from an unsupported MXNet version"
+                )
+            if stype != 0:
+                raise CheckpointError(f"{path}: array {index} has storage type {stype}; only dense (0) is read")
+            (ndim,) = read("<I" if ndim_width == 4 else "<Q")
+            if ndim > 32:
+                raise CheckpointError(f"{path}: array {index}: implausible ndim {ndim}")
+            shape = read(f"<{ndim}q")
+            if any(d < 0 for d in shape):
+                raise CheckpointError(f"{path}: array {index}: negative dimension in shape {shape}")
+            _dev_type, _dev_id, flag = read("<iii")
+            if flag not in DTYPE_FLAGS:
+                raise CheckpointError(f"{path}: array {index}: unsupported dtype flag {flag}")
+            dtype = np.dtype(DTYPE_FLAGS[flag])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if pos + nbytes > size:
+                raise truncated()
+            arrays.append((dtype, tuple(shape), pos))
+            pos += nbytes
+        (n_names,) = read("<Q")
+        if n_names != count:
+            raise CheckpointError(f"{path}: {count} arrays but {n_names} names; the file is corrupt")
+        names = []
+        for _ in range(n_names):
+            (length,) = read("<Q")
+            if pos + length > size:
+                raise truncated()
+            names.append(bytes(mm[pos : pos + length]).decode("utf-8", errors="replace"))
+            pos += length
         if pos != size:
             raise CheckpointError(f"{path}: {size - pos} unexpected bytes after the name table; the file is corrupt")
         if len(set(names)) != len(names):

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from flax_narrow.config import EncoderConfig
+from flax_narrow.config import SHAPE_FIELDS, EncoderConfig
 from flax_narrow.errors import FlaxNarrowError
 
-from . import conversion, sources
+from . import sources
+from .plan import plan_conversion
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def inspect_checkpoint(
         ignored: list[str] = []
         architecture = opened.architecture
         try:
-            plan = conversion.plan_conversion(opened, head=head, raise_problems=False)
+            plan = plan_conversion(opened, head=head, raise_problems=False)
             architecture = plan.architecture
             problems += plan.load.problems
             notes += plan.notes
@@ -100,16 +101,8 @@ def describe(report: InspectReport) -> list[str]:
         lines.append(f"config:       from {report.config_origin}")
         default = EncoderConfig()
         fields = [f.name for f in dataclasses.fields(cfg)]
-        main = [
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ]
-        shown = main + [f for f in fields if f not in main and getattr(cfg, f) != getattr(default, f)]
+        main = [f for f in SHAPE_FIELDS if getattr(cfg, f) is not None]  # full_length_layers: NarrowBERT only
+        shown = main + [f for f in fields if f not in SHAPE_FIELDS and getattr(cfg, f) != getattr(default, f)]
         lines.append("  " + " ".join(f"{f}={getattr(cfg, f)}" for f in shown))
     lines.append(f"architecture: {report.architecture or 'unknown'}")
     lines.append(

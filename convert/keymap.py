@@ -58,14 +58,15 @@ TRANSFORMS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def canonical_source_key(key: str, full_length_layers: int | None) -> str:
-    """A checkpoint key in canonical HF BERT spelling (see ``SOURCE_RENAMES``)."""
+def canonical_source_key(key: str, full_length_layers: int | None) -> str | None:
+    """A checkpoint key in canonical HF BERT spelling (see ``SOURCE_RENAMES``); None for a NarrowBERT layer
+    key when the model has no narrow layers (``full_length_layers`` None)."""
     for pattern, repl in SOURCE_RENAMES:
         key = re.sub(pattern, repl, key)
     m = NARROW_LAYER.search(key)
     if m:
         if full_length_layers is None:
-            raise KeyError(key)
+            return None
         key = NARROW_LAYER.sub(lambda mm: f"{mm.group(1)}encoder.layer.{full_length_layers + int(mm.group(2))}.", key)
     return key
 
@@ -119,16 +120,16 @@ def plan_load(
     Args:
       targets: flax path ('bert.encoder.layer.0.attention.self.query.kernel') -> shape, for the model to fill.
       source_shapes: checkpoint key -> shape.
-      source_format: 'flax' (keys are flax paths already) or 'hf' (PyTorch state-dict names).
+      source_format: 'flax' (keys are the target's own paths already: a flax-narrow checkpoint, or a PyTorch
+        model whose parameter names are the checkpoint's) or 'hf' (PyTorch state-dict names, renamed here).
       full_length_layers: F, to place NarrowBERT's ``encoder_narrow.layer.j`` at layer F + j.
       allow_fresh: let head/pooler parameters absent from the checkpoint stay freshly initialised.
     """
     canon: dict[str, str] = {}  # canonical key -> original key
     unexpected: list[str] = []
     for key in source_shapes:
-        try:
-            ck = key if source_format == "flax" else canonical_source_key(key, full_length_layers)
-        except KeyError:
+        ck = key if source_format == "flax" else canonical_source_key(key, full_length_layers)
+        if ck is None:
             unexpected.append(key)  # narrow layers in a checkpoint for a model without any
             continue
         canon[ck] = key
@@ -178,3 +179,18 @@ def plan_load(
 
 def _is_head_key(key: str) -> bool:
     return any(re.search(p, key) for p in OTHER_HEADS if "pooler" not in p)
+
+
+def guess_head(keys: list[str]) -> str:
+    """The head a checkpoint without an architecture name holds, from its keys ('mlm', 'base', ...)."""
+
+    def has(pattern: str) -> bool:
+        return any(re.search(pattern, k) for k in keys)
+
+    if has(r"(^|\.)(cls\.predictions|lm_head)\."):
+        return "mlm"
+    if has(r"^qa_outputs\."):
+        return "question-answering"
+    if has(r"^classifier\."):
+        return "sequence-classification" if has(r"pooler\.dense\.") else "token-classification"
+    return "base"

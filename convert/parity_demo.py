@@ -32,7 +32,7 @@ def write_bort_like_checkpoint(
         type_vocab_size=1,
         layer_norm_eps=1e-5,
         pad_token_id=1,
-        architectures=["BertForMaskedLM"],
+        architectures=[TorchMLM.__name__],
     )
     model = TorchMLM(cfg).eval()
     sd = {k: v.detach().clone().half() for k, v in model.state_dict().items()}

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from flax_narrow.config import read_json
 from flax_narrow.errors import CheckpointError
 
 SAFETENSORS = "model.safetensors"
@@ -190,11 +191,9 @@ class TorchPickleSource(TensorSource):
 
 def _index_files(directory: str, index_name: str) -> list[str]:
     path = os.path.join(directory, index_name)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            weight_map = json.load(fh)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid index file ({e})") from None
+    weight_map = read_json(path, what="index file", error=CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{path}: not a valid index file (no weight_map of key -> file name)")
     return [os.path.join(directory, f) for f in sorted(set(weight_map.values()))]
 
 

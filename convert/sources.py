@@ -1,22 +1,26 @@
-"""Open any supported checkpoint as one lazy tensor source plus its config, detecting the format from content.
+"""Open any supported checkpoint as one lazy tensor source plus its config, detecting the format from content:
+the one way in for ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT.
 
-Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json with a ``flax_narrow`` block); HF
-BERT/RoBERTa/BORT/NarrowBERT directories or single files (``model.safetensors``, sharded safetensors,
-``pytorch_model.bin``, sharded .bin); the original GluonNLP ``bort.params`` (a file, or a directory holding one).
-Single files are recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
+Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json, whose ``flax_narrow`` block, when
+present, holds the exact config); HF BERT/RoBERTa/BORT/NarrowBERT directories or single files
+(``model.safetensors``, sharded safetensors, ``pytorch_model.bin``, sharded .bin); the original GluonNLP
+``bort.params`` (a file, or a directory holding one); a hub id (:func:`resolve_path`). Single files are
+recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
 from typing import Any
 
-from flax_narrow.config import EncoderConfig
+from flax_narrow.config import EncoderConfig, read_json
 from flax_narrow.errors import CheckpointError, ConfigError
 
 from . import gluonnlp, readers
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -113,26 +117,78 @@ def load_config_arg(config: EncoderConfig | str | os.PathLike | dict | None) -> 
     """A ``--config`` value: an EncoderConfig, or a JSON file (HF config.json, or a flax-narrow one)."""
     if config is None or isinstance(config, EncoderConfig):
         return config
-    raw = config if isinstance(config, dict) else _read_json(os.fspath(config))
+    where = "config" if isinstance(config, dict) else os.fspath(config)
+    raw = config if isinstance(config, dict) else read_json(where, what="config file")
     if "flax_narrow" in raw:
-        return EncoderConfig.from_dict(raw["flax_narrow"]["config"])
+        return flax_narrow_block(raw, where)[0]
     names = {f.name for f in dataclasses.fields(EncoderConfig)}
     if "model_type" not in raw and set(raw) <= names:  # an EncoderConfig.to_dict() dump
-        return EncoderConfig.from_dict(raw)
-    return EncoderConfig.from_hf_config(raw)
+        return _config(EncoderConfig.from_dict, raw, where)
+    return _config(EncoderConfig.from_hf_config, raw, where)
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def resolve_path(
+    path_or_hub_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
+) -> str:
+    """A local file or directory for ``path_or_hub_id``: the path itself, or a hub snapshot (network needed).
+
+    Raises:
+      CheckpointError: neither a local path nor a hub id that can be downloaded (offline, unknown, gated).
+    """
+    path = os.fspath(path_or_hub_id)
+    if os.path.exists(path):
+        return path
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", path):
+        raise CheckpointError(f"{path}: no such file or directory")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise CheckpointError(
+            f"{path}: not a local path, and downloading it from the hub failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+
+
+def flax_narrow_block(raw: dict[str, Any], where: str) -> tuple[EncoderConfig, str | None]:
+    """(config, architecture) of the ``flax_narrow`` block of a config.json (``convert`` / ``save_pretrained``).
+
+    Raises:
+      ConfigError: a block that is not ``{"config": {...}, "architecture": ...}``, or an invalid config.
+    """
+    block = raw["flax_narrow"]
+    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+        raise ConfigError(f"{where}: the flax_narrow block must be an object with a 'config' object")
+    arch = block.get("architecture")
+    return _config(EncoderConfig.from_dict, block["config"], where), arch if isinstance(arch, str) else None
+
+
+def _config(build: Any, raw: dict[str, Any], where: str) -> EncoderConfig:
+    """``build(raw)``, its ConfigError naming the file the fields came from."""
+    try:
+        return build(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, dict[str, Any]]:
+    """(config, architecture or None, raw config.json) of a checkpoint directory.
+
+    A ``flax_narrow`` block (written by ``convert`` and ``save_pretrained``) wins over the HF fields beside it.
+
+    Raises:
+      CheckpointError: no config.json.
+      ConfigError: config.json is not valid JSON or not a valid config.
+    """
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no config.json (pass config=EncoderConfig(...) to load bare weights)")
+    raw = read_json(path, what="config file")
+    if "flax_narrow" in raw:
+        return (*flax_narrow_block(raw, path), raw)
+    archs = raw.get("architectures") or [None]
+    return _config(EncoderConfig.from_hf_config, raw, path), archs[0] if isinstance(archs, list) else None, raw
 
 
 def sniff_file(path: str) -> str:
@@ -170,6 +226,8 @@ def open_source(
 ) -> OpenedSource:
     """Open a checkpoint (directory, weights file, or hub id) lazily and find its config.
 
+    ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT all open checkpoints here.
+
     Args:
       path: local directory or file, or a hub id (downloaded when online).
       config: overrides the checkpoint's config.json (an EncoderConfig or a JSON path). Needed for a bare
@@ -179,18 +237,19 @@ def open_source(
       CheckpointError: unreadable, unrecognised, corrupt or refused files.
       ConfigError: an invalid config.
     """
-    from flax_narrow.pretrained import read_checkpoint_config, resolve_path
-
     local = resolve_path(path, revision=revision, cache_dir=cache_dir)
     given = load_config_arg(config)
     if os.path.isdir(local):
         params = sorted(f for f in os.listdir(local) if f.endswith(".params"))
         try:
             kind, files = readers.find_weight_files(local)
-        except CheckpointError:
-            if len(params) != 1:
+        except CheckpointError as e:
+            if len(params) == 1:
+                kind, files = "gluonnlp", [os.path.join(local, params[0])]
+            elif given is None and not os.path.isfile(os.path.join(local, "config.json")):
+                raise CheckpointError(f"{local}: no config.json, and {str(e).removeprefix(f'{local}: ')}") from None
+            else:
                 raise
-            kind, files = "gluonnlp", [os.path.join(local, params[0])]
         config_dir = local
     elif os.path.isfile(local):
         kind, files = sniff_file(local), [local]
@@ -217,12 +276,6 @@ def open_source(
         except Exception:
             source.close()
             raise
-        if kind == "flax-narrow" and "flax_narrow" not in raw:
-            source.close()
-            raise CheckpointError(
-                f"{config_dir}/config.json: has no flax_narrow block, but the weights are {readers.FLAX_WEIGHTS}; "
-                "the checkpoint directory is inconsistent"
-            )
         if cfg is None:
             cfg, origin = file_cfg, "config.json"
     if cfg is None and kind == "gluonnlp":

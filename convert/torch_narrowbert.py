@@ -38,6 +38,9 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 from flax_narrow.config import EncoderConfig
 from flax_narrow.errors import CheckpointError, ConfigError
+from flax_narrow.modeling import ARCHITECTURES, architecture_for, architecture_named
+
+from . import keymap, sources
 
 IGNORE_INDEX = -100
 
@@ -216,22 +219,18 @@ class TorchNarrowBertForTokenClassification(nn.Module):
         return self.classifier(z)
 
 
-# BERT-spelled architecture (conversion.canonical_architecture) -> class
+# Our NarrowBERT architecture name -> its PyTorch class, from the one table (its ``torch`` column).
 TORCH_NARROWBERT_CLASSES: dict[str, type[nn.Module]] = {
-    "BertModel": TorchNarrowBertModel,
-    "BertForMaskedLM": TorchNarrowBertForMaskedLM,
-    "BertForSequenceClassification": TorchNarrowBertForSequenceClassification,
-    "BertForMultipleChoice": TorchNarrowBertForMultipleChoice,
-    "BertForTokenClassification": TorchNarrowBertForTokenClassification,
+    a.name: globals()[a.torch] for a in ARCHITECTURES if a.family == "narrow"
 }
 
+# The checkpoint spellings this model's own names differ from (independent of convert.keymap's renames, so
+# that --verify checks the key map rather than repeating it).
 _RENAMES = [
     (r"^narrow_bert\.", "bert."),
     (r"\.LayerNorm\.gamma$", ".LayerNorm.weight"),
     (r"\.LayerNorm\.beta$", ".LayerNorm.bias"),
 ]
-_IGNORED = re.compile(r"(^|\.)(position_ids|embeddings\.token_type_ids)$|^cls\.predictions\.decoder\.(weight|bias)$")
-_HEADS = re.compile(r"^(cls|classifier|qa_outputs)\.")
 
 
 def load_torch_narrowbert(
@@ -243,20 +242,23 @@ def load_torch_narrowbert(
 ) -> nn.Module:
     """Build the PyTorch NarrowBERT of an HF-layout checkpoint and fill it, strictly, in fp32 (eval mode).
 
+    The checkpoint's keys are renamed by this module's own table (``narrow_bert.`` -> ``bert.``, TF-era
+    ``gamma``/``beta``) and matched to the PyTorch model's parameter names by
+    :func:`flax_narrow.convert.keymap.plan_load`, the strict matcher ``from_pretrained`` uses: every parameter
+    filled, every key consumed, ignored (``position_ids``, tied decoder copies) or a head the model lacks.
+
     Args:
       path_or_hub_id: a checkpoint directory (or weights file, or hub id) in the authors' layout
         (``bert.encoder_narrow.*``, ``full_length_layers`` in config.json) or the port's (``narrow_bert.*``,
         ``num_narrow_layers``); ``model.safetensors``, sharded, or ``pytorch_model.bin`` (``weights_only=True``).
-      architecture: ``NarrowBertForMaskedLM``, ``BertModel``... (NarrowBert/Bert spellings both work); default:
-        config.json's ``architectures``, else guessed from the keys.
+      architecture: ``NarrowBertForMaskedLM``, ``BertModel``... (any name of a head with a PyTorch NarrowBERT);
+        default: config.json's ``architectures``, else guessed from the keys.
       config: use this config instead of the checkpoint's config.json.
 
     Raises:
       CheckpointError: not an HF-layout checkpoint, or missing / unexpected / mis-shaped weights (all named).
       ConfigError: an architecture without a PyTorch NarrowBERT class.
     """
-    from . import conversion, sources
-
     opened = sources.open_source(os.fspath(path_or_hub_id), config=config, revision=revision)
     try:
         if opened.kind not in ("safetensors", "pytorch"):
@@ -267,57 +269,42 @@ def load_torch_narrowbert(
         cfg = as_config(opened.config)
         src = opened.source
         keys = src.keys()
-        arch = conversion.canonical_architecture(
-            architecture or opened.architecture or conversion._guess_architecture(keys)
-        )
-        if arch not in TORCH_NARROWBERT_CLASSES:
-            raise ConfigError(f"no PyTorch NarrowBERT for {arch!r} (have {', '.join(TORCH_NARROWBERT_CLASSES)})")
+        name = architecture or opened.architecture
+        named = architecture_named(name) if name else None
+        head = named.head if named else keymap.guess_head(keys) if name is None else None
+        row = architecture_for(head, narrow=True) if head else None
+        if row is None or row.family != "narrow":
+            have = ", ".join(TORCH_NARROWBERT_CLASSES)
+            raise ConfigError(f"no PyTorch NarrowBERT for {name or head!r} (have {have})")
         canon: dict[str, str] = {}
         for key in keys:
             ck = key
             for pattern, repl in _RENAMES:
                 ck = re.sub(pattern, repl, ck)
             canon[ck] = key
-        if arch == "BertModel":  # a task checkpoint into the base model: drop the prefix (and the heads below)
-            canon = {(k[5:] if k.startswith("bert.") else k): v for k, v in canon.items()}
-            model: nn.Module = TorchNarrowBertModel(cfg, pooler=any(k.startswith("pooler.") for k in canon))
-        else:  # a base checkpoint into a task model: add it
-            canon = {(k if _HEADS.match(k) or k.startswith("bert.") else f"bert.{k}"): v for k, v in canon.items()}
-            cls = TORCH_NARROWBERT_CLASSES[arch]
-            if arch in ("BertForSequenceClassification", "BertForTokenClassification") and "classifier.weight" in canon:
-                model = cls(cfg, num_labels=src.shape(canon["classifier.weight"])[0])
-            else:
-                model = cls(cfg)
         if "cls.predictions.bias" not in canon and "cls.predictions.decoder.bias" in canon:
             canon["cls.predictions.bias"] = canon.pop("cls.predictions.decoder.bias")
-        params = dict(model.named_parameters())
-        has_pooler = any(k.startswith(("pooler.", "bert.pooler.")) for k in params)
-        state, missing, mismatched, unexpected = {}, [], [], []
-        for name, p in params.items():
-            if name not in canon:
-                missing.append(name)
-                continue
-            shape = tuple(src.shape(canon[name]))
-            if shape != tuple(p.shape):
-                mismatched.append(f"{canon[name]}: checkpoint {shape} vs model {tuple(p.shape)}")
-                continue
-            state[name] = torch.from_numpy(np.array(src.get(canon[name]), dtype=np.float32))
-        for ck, key in canon.items():
-            if ck in params or _IGNORED.search(ck):
-                continue
-            other_head = _HEADS.match(ck) or (re.match(r"^(bert\.)?pooler\.", ck) and not has_pooler)
-            if not other_head:
-                unexpected.append(key)
-        problems = [
-            f"{what} {names}"
-            for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
-            if names
-        ]
-        if problems:
+        cls = TORCH_NARROWBERT_CLASSES[row.name]
+        if row.head == "base":
+            pooler = any(re.match(r"^(bert\.)?pooler\.", k) for k in canon)
+            model: nn.Module = TorchNarrowBertModel(cfg, pooler=pooler)
+        elif row.head in ("sequence-classification", "token-classification") and "classifier.weight" in canon:
+            model = cls(cfg, num_labels=src.shape(canon["classifier.weight"])[0])
+        else:
+            model = cls(cfg)
+        params = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        plan = keymap.plan_load(
+            params, {ck: tuple(src.shape(k)) for ck, k in canon.items()}, source_format="flax", allow_fresh=False
+        )
+        if plan.problems:
             raise CheckpointError(
-                f"{opened.path}: cannot load into the PyTorch {type(model).__name__}: " + "; ".join(problems)
+                f"{opened.path}: cannot load into the PyTorch {type(model).__name__}: " + "; ".join(plan.problems)
             )
-        model.load_state_dict(state, strict=False)
+        state = {
+            name: torch.from_numpy(np.array(src.get(canon[ck]), dtype=np.float32))
+            for name, (ck, _) in plan.assignments.items()
+        }
+        model.load_state_dict(state, strict=False)  # buffers (position_ids) keep their values
     finally:
         opened.close()
     return model.eval()

@@ -11,24 +11,14 @@ import os
 
 import numpy as np
 
-from flax_narrow.errors import FlaxNarrowError
+from flax_narrow.errors import FlaxNarrowError, NoTorchReference
+from flax_narrow.modeling import ARCHITECTURES, architecture_for, architecture_of
 
-# Our class -> transformers class name, per HF model_type.
+# Our class -> transformers class name, per HF model_type (NarrowBERT: convert.torch_narrowbert's classes).
 TORCH_CLASSES = {
-    "bert": {
-        "BertModel": "BertModel",
-        "BertForMaskedLM": "BertForMaskedLM",
-        "BertForSequenceClassification": "BertForSequenceClassification",
-        "BertForMultipleChoice": "BertForMultipleChoice",
-        "BertForTokenClassification": "BertForTokenClassification",
-        "BertForQuestionAnswering": "BertForQuestionAnswering",
-    },
-    "roberta": {"BertModel": "RobertaModel", "BertForMaskedLM": "RobertaForMaskedLM"},
+    "bert": {a.name: a.torch for a in ARCHITECTURES if a.family == "bert"},
+    "roberta": {a.name: a.torch_roberta for a in ARCHITECTURES if a.family == "bert" and a.torch_roberta},
 }
-
-
-class NoTorchReference(FlaxNarrowError):
-    """No PyTorch class to compare this architecture with (verification is skipped, not failed)."""
 
 
 @dataclasses.dataclass
@@ -94,7 +84,7 @@ def verify_against_torch(
         batch["attention_mask"] = np.ones_like(batch["input_ids"])
     if cfg.type_vocab_size <= 1 or "token_type_ids" not in batch:
         batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-    if "MultipleChoice" in name and np.ndim(batch["input_ids"]) == 2:
+    if architecture_of(type(model)).head == "multiple-choice" and np.ndim(batch["input_ids"]) == 2:
         batch = {k: np.stack([v, v[::-1]], axis=1) for k, v in batch.items()}
     if cfg.is_narrow:
         return _verify_narrow(model, checkpoint_dir, batch, narrow_mask)
@@ -107,7 +97,8 @@ def verify_against_torch(
     with torch.no_grad():
         tout = tmodel(**{k: torch.from_numpy(v) for k, v in batch.items()})
     out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    field = "last_hidden_state" if name == "BertModel" else ("start_logits" if "Question" in name else "logits")
+    head = architecture_of(type(model)).head
+    field = {"base": "last_hidden_state", "question-answering": "start_logits"}.get(head, "logits")
     ref = getattr(tout, field).float().numpy()
     got = np.asarray(getattr(out, field), dtype=np.float32)
     if ref.ndim >= 2 and ref.shape[:2] == batch["attention_mask"].shape:
@@ -122,16 +113,16 @@ def _verify_narrow(model, checkpoint_dir, batch: dict[str, np.ndarray], narrow_m
     """NarrowBERT against the PyTorch NarrowBERT: logits (hidden states for the base model) on the rows."""
     from flax_narrow.ops import positions_from_mask
 
-    from .conversion import canonical_architecture
-    from .torch_narrowbert import TORCH_NARROWBERT_CLASSES, load_torch_narrowbert, run_narrow
+    from .torch_narrowbert import load_torch_narrowbert, run_narrow
 
-    arch = canonical_architecture(type(model).hf_architecture)
-    if arch not in TORCH_NARROWBERT_CLASSES:
+    head = architecture_of(type(model)).head
+    row = architecture_for(head, narrow=True)  # BertForMaskedLM on a narrow config: NarrowBertForMaskedLM's row
+    if row.family != "narrow":
         raise NoTorchReference(f"no PyTorch NarrowBERT architecture to verify {type(model).hf_architecture} against")
-    tmodel = load_torch_narrowbert(checkpoint_dir, arch)
-    field = "last_hidden_state" if arch == "BertModel" else "logits"
+    tmodel = load_torch_narrowbert(checkpoint_dir, row.name)
+    field = "last_hidden_state" if head == "base" else "logits"
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    if arch in ("BertForSequenceClassification", "BertForMultipleChoice"):  # the CLS row of each sequence
+    if head in ("sequence-classification", "multiple-choice"):  # the CLS row of each sequence
         ref = run_narrow(tmodel, batch)
         got = np.asarray(getattr(model(*args), field), np.float32)
         return Verification(field, float(np.abs(got - ref).max()), tuple(ref.shape))

@@ -55,8 +55,15 @@ def _run_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (what was wrong, and where the help is) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flax-narrow", description="BORT and NarrowBERT in JAX/Flax.")
+    parser = OneLineParser(prog="flax-narrow", description="BORT and NarrowBERT in JAX/Flax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_demo(sub)

@@ -34,6 +34,19 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
+# The sizes that must be positive ints, and with them the fields that fix the parameter tree: two configs that
+# agree on SHAPE_FIELDS can exchange weights (resume, init_from, inspect's summary line).
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+SHAPE_FIELDS = (*SIZE_FIELDS, "type_vocab_size", "full_length_layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Hyper-parameters of a BERT-family encoder. Hashable, so it can live in a jitted module's static data."""
@@ -86,14 +99,7 @@ class EncoderConfig:
             if not cond:
                 raise ConfigError(f"EncoderConfig: {msg}")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         need(self.type_vocab_size >= 0, f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
@@ -385,20 +391,35 @@ def canonical_dtype(name: Any) -> Any:
     return {"fp32": "float32", "fp16": "float16"}.get(name, name)
 
 
+def read_json(path: str | os.PathLike, *, what: str = "config file", error: type[Exception] = ConfigError) -> dict:
+    """The JSON object stored in ``path`` (every config.json / index file / ``--config`` read goes through here).
+
+    Raises:
+      ConfigError (or ``error``): a missing or unreadable file, invalid JSON, or JSON that is not an object.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _as_dict(hf: Any) -> dict[str, Any]:
     if isinstance(hf, dict):
         return hf
     if isinstance(hf, (str, os.PathLike)):
         path = os.fspath(hf)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return read_json(os.path.join(path, "config.json") if os.path.isdir(path) else path)
     if hasattr(hf, "to_dict"):
         return hf.to_dict()
     raise ConfigError(f"cannot read a config from {type(hf).__name__}")

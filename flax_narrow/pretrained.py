@@ -1,98 +1,38 @@
-"""``from_pretrained`` / ``save_pretrained``: the user-facing composition of ``convert`` (readers, key maps,
-writers) and ``modeling``. The modeling package itself never imports the converters; its classmethods call here.
+"""``from_pretrained`` / ``save_pretrained``: the user-facing composition of ``convert`` and ``modeling``.
 
-Sources: a local HF directory (``model.safetensors``, sharded safetensors, ``pytorch_model.bin`` read with
-``weights_only=True``), a flax-narrow directory written by ``save_pretrained``, or a hub id (downloaded with
-``huggingface_hub`` when online).
+Loading is the converter's one reader path: :func:`flax_narrow.convert.sources.open_source` (a local HF directory
+with ``model.safetensors``, sharded safetensors or ``pytorch_model.bin`` read with ``weights_only=True``; a
+flax-narrow directory written by ``save_pretrained`` or ``flax-narrow convert``; a GluonNLP ``bort.params``; a
+weights file with ``config=``; or a hub id, downloaded with ``huggingface_hub`` when online), then
+:func:`flax_narrow.convert.loading.load_model`. The modeling package itself never imports the converters; its
+classmethods call here, and nothing here imports the model classes back.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.convert import conversion, keymap, readers, writers
-from flax_narrow.errors import CheckpointError, ConfigError
+from flax_narrow.convert import loading, sources, writers
+from flax_narrow.convert.loading import check_layer_layout  # noqa: F401  (its old home; re-exported)
+from flax_narrow.convert.sources import HUB_PATTERNS, read_checkpoint_config  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*"]
 
 
 def resolve_path(
     path_or_hub_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None
 ) -> str:
-    """A local directory for ``path_or_hub_id``: the path itself, or a hub snapshot (network needed)."""
-    path = os.fspath(path_or_hub_id)
-    if os.path.exists(path):
-        return path
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
+    """A local directory for ``path_or_hub_id``: the path itself, or a hub snapshot (network needed).
 
-        return snapshot_download(path, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # offline, unknown repo, gated repo...
-        raise CheckpointError(
-            f"{path}: not a local path, and downloading it from the hub failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-
-
-def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, dict[str, Any]]:
-    """(config, architecture or None, raw config.json) of a checkpoint directory."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{directory}: no config.json (pass config=EncoderConfig(...) to load bare weights)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if "flax_narrow" in raw:
-        block = raw["flax_narrow"]
-        return EncoderConfig.from_dict(block["config"]), block.get("architecture"), raw
-    archs = raw.get("architectures") or [None]
-    return EncoderConfig.from_hf_config(raw), archs[0], raw
-
-
-def check_layer_layout(keys: list[str], config: EncoderConfig, where: str) -> None:
-    """Cross-check the config's layer counts (and NarrowBERT's F) against the layer indices in the weights."""
-    full = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", k))}
-    narrow = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)encoder_narrow\.layer\.(\d+)\.", k))}
-    if not full and not narrow:
-        return
-    if narrow:
-        if not config.is_narrow:
-            raise ConfigError(
-                f"{where}: the weights hold NarrowBERT layers (encoder_narrow.layer.*) but the config "
-                f"has no full_length_layers < num_hidden_layers"
-            )
-        if full != set(range(config.num_full_layers)) or narrow != set(range(config.num_narrow_layers)):
-            raise ConfigError(
-                f"{where}: config says full_length_layers={config.full_length_layers} of "
-                f"{config.num_hidden_layers} layers, but the weights hold encoder.layer {sorted(full)} and "
-                f"encoder_narrow.layer {sorted(narrow)}"
-            )
-    elif full != set(range(config.num_hidden_layers)):
-        raise ConfigError(
-            f"{where}: config says num_hidden_layers={config.num_hidden_layers} but the weights hold "
-            f"encoder.layer {sorted(full)}"
-        )
-
-
-def _flat(state: nnx.State) -> dict[str, Any]:
-    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+    :func:`flax_narrow.convert.sources.resolve_path`, which ``from_pretrained`` calls through this name.
+    """
+    return sources.resolve_path(path_or_hub_id, revision=revision, cache_dir=cache_dir)
 
 
 def from_pretrained(
@@ -112,7 +52,8 @@ def from_pretrained(
 
     Args:
       cls: a model class (``BertModel``, ``BertForMaskedLM``, ...).
-      path_or_hub_id: checkpoint directory, weights file (with ``config=``), or hub id.
+      path_or_hub_id: checkpoint directory, weights file (with ``config=``, unless a config.json is beside it),
+        GluonNLP ``bort.params`` (config inferred from the shapes), or hub id.
       config: use this config instead of the checkpoint's config.json.
       dtype / param_dtype: compute and parameter dtypes (weights are cast on load; fp16 checkpoints are
         computed in fp32 by default).
@@ -126,78 +67,16 @@ def from_pretrained(
       ConfigError: a config that contradicts the weights.
     """
     local = resolve_path(path_or_hub_id, revision=revision, cache_dir=cache_dir)
-    if config is None:
-        config, _, _ = read_checkpoint_config(local if os.path.isdir(local) else os.path.dirname(local))
     overrides = dict(config_overrides)
     if dtype is not None:
         overrides["dtype"] = dtype
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
-    if overrides:
-        config = config.replace(**overrides)
-    fmt, source = readers.open_weights(local)
-    keys = source.keys()
-    if fmt != "flax":
-        check_layer_layout(keys, config, local)
-
-    def ctor():
-        return cls(config, rngs=nnx.Rngs(seed))
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(ctor))
-    flat_abs = _flat(abstract)
-    params_abs = {p: v for p, v in flat_abs.items() if isinstance(v, nnx.Param)}
-    plan = keymap.plan_load(
-        {p: tuple(v.shape) for p, v in params_abs.items()},
-        {k: source.shape(k) for k in keys},
-        source_format="flax" if fmt == "flax" else "hf",
-        full_length_layers=config.full_length_layers,
-        allow_fresh=not strict,
-    )
-    if plan.problems:
-        raise CheckpointError(f"{local}: cannot load into {cls.__name__}: " + "; ".join(plan.problems))
-    if plan.fresh:
-        log.warning("%s: newly initialised (not in the checkpoint): %s", cls.__name__, ", ".join(plan.fresh))
-    if plan.dropped_heads:
-        log.warning("%s: checkpoint weights not used by this model: %s", cls.__name__, ", ".join(plan.dropped_heads))
-    _warn_stale_decoder(source, plan)
-
-    # Non-parameter state (dropout RNG streams) and fresh parameters come from one jitted constructor call;
-    # XLA drops the random init of every parameter that is loaded, so that costs nothing. The jitted function
-    # is cached per (class, config, wanted paths) with the seed as an argument: loading the same kind of
-    # checkpoint again compiles nothing.
-    want = frozenset(plan.fresh) | {p for p, v in flat_abs.items() if not isinstance(v, nnx.Param)}
-    init_rest = _jitted_init(cls, config, want)(jax.random.key(seed))
-    pdtype = config.params_dtype
-    values: dict[str, Any] = dict(init_rest)
-    for path, (key, transform) in plan.assignments.items():
-        values[path] = jnp.asarray(keymap.TRANSFORMS[transform](source.get(key)).astype(pdtype))
-    source.close()
-    for path, var in flat_abs.items():
-        var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
-    return nnx.merge(graphdef, abstract)
+    return loading.load_checkpoint(cls, local, config=config, seed=seed, strict=strict, **overrides)
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_init(cls: type, config: EncoderConfig, want: frozenset[str]) -> Any:
-    """A jitted ``key -> {path: value}`` of the freshly constructed model's state at the ``want`` paths
-    (``nnx.Rngs(jax.random.key(seed))`` is ``nnx.Rngs(seed)``)."""
-
-    def init(key: jax.Array) -> dict[str, Any]:
-        model = cls(config, rngs=nnx.Rngs(key))
-        return {p: v.get_value() for p, v in _flat(nnx.state(model)).items() if p in want}
-
-    return jax.jit(init)
-
-
-def _warn_stale_decoder(source: readers.TensorSource, plan: keymap.LoadPlan) -> None:
-    """The MLM decoder is always tied to the word embeddings; say so when a checkpoint's copy differs."""
-    gap = conversion.stale_decoder_gap(source, plan)  # sampled row blocks: never reads the copy whole
-    if gap > 0:
-        log.warning(
-            "checkpoint holds an untied MLM decoder copy differing from the word embeddings by up to %.3g; "
-            "ignored: the decoder is tied to the word embeddings",
-            gap,
-        )
+def _flat(state: nnx.State) -> dict[str, Any]:
+    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
 def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool = True) -> str:

@@ -53,3 +53,49 @@ def test_ruff_is_clean():
     for cmd in ([ruff, "check", *paths], [ruff, "format", "--check", *paths]):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _lock_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock", os.path.join(ROOT, "scripts", "lock.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lock_is_current_with_pyproject():
+    # `make install` refuses a stale lock; this is the same check, so CI fails on a pyproject edit without `make lock`.
+    lock = _lock_module()
+    assert lock.recorded_digest() == lock.dependency_digest(), "requirements.lock is stale: run `make lock`"
+
+
+def test_lock_check_fails_on_a_changed_dependency(tmp_path):
+    lock = _lock_module()
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    changed = tmp_path / "pyproject.toml"
+    changed.write_text(text.replace('"jax>=', '"jax>=0.0.1,<99; python_version>\'3\'", "jax>=', 1))
+    assert lock.dependency_digest(str(changed)) != lock.dependency_digest()
+
+
+def test_lock_pins_every_requirement_exactly():
+    # Each dependency of pyproject (extras torch and dev included) is in the lock, with one exact version that the
+    # requirement allows; installing the lock with --no-deps therefore resolves nothing.
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in open(os.path.join(ROOT, "requirements.lock")):
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+    reqs = project["dependencies"] + [r for extra in ("torch", "dev") for r in project["optional-dependencies"][extra]]
+    for text in reqs:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} violates {text}"
+    assert pins["torch"].endswith("+cpu")

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_narrow.errors import ConfigError
+
 from . import candidates as cand_lib
 from .candidates import Candidate
 from .finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
@@ -228,7 +230,7 @@ def split_dev(dev: Sequence[Example], probe_fraction: float, seed: int) -> tuple
     order = np.random.default_rng(seed).permutation(len(dev))
     cut = int(round(len(dev) * probe_fraction))
     if not 0 < cut < len(dev):
-        raise ValueError(f"probe_fraction {probe_fraction} leaves an empty probe or held-out part of {len(dev)}")
+        raise ConfigError(f"probe_fraction {probe_fraction} leaves an empty probe or held-out part of {len(dev)}")
     return [dev[i] for i in order[:cut]], [dev[i] for i in order[cut:]]
 
 
@@ -246,7 +248,7 @@ def run_agora(
 ) -> AgoraResult:
     """Run (or resume) the procedure; see the module docstring. ``model_factory(seed)`` -> a fresh task model."""
     if task.kind not in ("classification", "regression"):
-        raise ValueError(f"Agora mines mistakes of sequence classification/regression, not {task.kind!r}")
+        raise ConfigError(f"Agora mines mistakes of sequence classification/regression, not {task.kind!r}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     probe, heldout = split_dev(dev, cfg.probe_fraction, cfg.seed)
     probe_data, heldout_data = encoder.encode(task, probe), encoder.encode(task, heldout)

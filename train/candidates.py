@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flax_narrow.errors import ConfigError
+
 from .finetune import (
     FinetuneConfig,
     adam_init,
@@ -123,7 +125,7 @@ def train_side_by_side(
       candidates: share ``batch_size`` and ``epochs`` (use :func:`groups` to split a Θ).
     """
     if len({(c.batch_size, c.epochs) for c in candidates}) != 1:
-        raise ValueError("candidates trained side by side must share batch_size and epochs; use groups()")
+        raise ConfigError("candidates trained side by side must share batch_size and epochs; use groups()")
     base = base or FinetuneConfig()
     k = len(candidates)
     n = len(train["input_ids"])

@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 
 from flax_narrow.errors import CheckpointError
 
+from .sharding import abstract_with_shardings  # noqa: F401  (its old home; restore targets use it)
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data", "meta"
@@ -85,8 +87,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings, for :meth:`Checkpointer.restore`."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

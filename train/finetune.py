@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flax_narrow.errors import ConfigError, NonFiniteError
+
 from . import tasks as tasks_lib
 from .finetune_data import batches
 from .tasks import Task
@@ -61,11 +63,11 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+            raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("batch_size must be >= 1 and epochs > 0")
+            raise ConfigError("batch_size must be >= 1 and epochs > 0")
         if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
 
     def total_steps(self, n_train: int) -> int:
         per_epoch = max(n_train // self.batch_size, 1)
@@ -119,7 +121,7 @@ def bort_head_forward(model: Any, batch: dict[str, Any], *, deterministic: bool,
 def forward_fn(task: Task, head: str) -> Callable[..., tuple[Any, Any]]:
     if head == "bort":
         if task.kind not in ("classification", "regression", "multilabel"):
-            raise ValueError(f"the BORT head is a sequence-classification head; task {task.kind!r} cannot use it")
+            raise ConfigError(f"the BORT head is a sequence-classification head; task {task.kind!r} cannot use it")
         return lambda model, batch, deterministic: bort_head_forward(
             model, batch, deterministic=deterministic, task=task
         )
@@ -312,7 +314,7 @@ def finetune(
                 metrics, _ = evaluate(task, eval_step, params, rest, dev, cfg.eval_batch_size, dev_refs)
                 loss_val = float(np.mean(jax.device_get(losses)))
                 if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"training loss is {loss_val} at step {step}; lower the learning rate")
+                    raise NonFiniteError(f"training loss is {loss_val} at step {step}; lower the learning rate")
                 rec = {"step": step, "epoch": step / per_epoch, "train_loss": loss_val, **metrics}
                 rec["time_s"] = round(time.perf_counter() - t0, 2)
                 history.append(rec)

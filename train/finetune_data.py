@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_narrow.errors import FlaxNarrowError
+from flax_narrow.errors import ConfigError, DataError
 from flax_narrow.modeling.losses import IGNORE_INDEX
 
 from .tasks import Task
@@ -55,10 +55,6 @@ CANONICAL = {
     "qa": ("question", "context", "answers"),
 }
 OPTIONAL = {"text_b", "context"}
-
-
-class DataError(FlaxNarrowError):
-    """A data file, split or column that does not fit the task."""
 
 
 def load_examples(
@@ -141,7 +137,7 @@ class Encoder:
 
     def __post_init__(self) -> None:
         if self.pair_format not in PAIR_FORMATS:
-            raise ValueError(f"pair_format must be one of {PAIR_FORMATS}, got {self.pair_format!r}")
+            raise ConfigError(f"pair_format must be one of {PAIR_FORMATS}, got {self.pair_format!r}")
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _ids(self, texts: list[str]) -> list[list[int]]:

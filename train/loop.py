@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_narrow.errors import ConfigError, FlaxNarrowError
+from flax_narrow.config import SHAPE_FIELDS
+from flax_narrow.errors import ConfigError, NonFiniteError
 from flax_narrow.modeling import BertForMaskedLM
 
 from . import checkpoint as ckpt
@@ -37,21 +38,6 @@ from .metrics import MetricsWriter, progress_bar
 from .optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
-
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "full_length_layers",
-)
-
-
-class NonFiniteError(FlaxNarrowError):
-    """The loss or gradient norm became NaN/inf (``train.on_nonfinite=stop``)."""
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_narrow.errors import InputError
 from flax_narrow.ops.gather import mask_to_positions
 
 
@@ -49,7 +50,7 @@ class MaskingSpec:
     ) -> MaskingSpec:
         """Special ids, mask id and pad id from a transformers tokenizer."""
         if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no mask or pad token; MLM pretraining needs both")
+            raise InputError("the tokenizer has no mask or pad token; MLM pretraining needs both")
         return cls(
             max_predictions=max_predictions,
             vocab_size=vocab_size,

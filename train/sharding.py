@@ -91,7 +91,7 @@ def logical_to_spec(
     if logical_axes is None:
         return PartitionSpec()
     if len(logical_axes) != len(shape):
-        raise ValueError(f"{name}: logical axes {logical_axes} do not match shape {shape}")
+        raise ConfigError(f"{name}: logical axes {logical_axes} do not match shape {shape}")
     used: set[str] = set()
     out = []
     for axis, dim in zip(logical_axes, shape):
@@ -172,3 +172,9 @@ def shard_fraction(x: jax.Array) -> float:
     """Bytes on one device / bytes of the whole array (1.0 when replicated)."""
     shard = x.addressable_shards[0].data
     return float(np.prod(shard.shape)) / float(max(np.prod(x.shape), 1))
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings``: the abstract state an AOT lowering
+    and an orbax restore take."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import ConfigError
 from flax_narrow.modeling import BertForMaskedLM
 
 from . import sharding as shd
@@ -219,7 +220,7 @@ def make_train_step(
     """
     use_kd = kd.enabled
     if use_kd and teacher_graphdef is None:
-        raise ValueError("kd is enabled but no teacher graph was given")
+        raise ConfigError("kd is enabled but no teacher graph was given")
     w_mlm, w_kd, temp = float(kd.mlm_weight), float(kd.kd_weight), float(kd.temperature)
 
     def micro_sums(params, rest, t_params, t_rest, ids_bl, step, micro):
@@ -310,10 +311,6 @@ def make_eval_step(
     return eval_step
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _concrete_shardings(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -359,7 +356,7 @@ def compile_steps(
         donate_argnums=(0,),
     )
     ids_abs = jax.ShapeDtypeStruct((accum, micro_batch, seq_len), jnp.int32, sharding=ids_sharding)
-    lowered = jitted.lower(_abstract(state, state_sharding), ids_abs, rest, t_params, t_rest)
+    lowered = jitted.lower(shd.abstract_with_shardings(state, state_sharding), ids_abs, rest, t_params, t_rest)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     eval_compiled = None
@@ -371,7 +368,7 @@ def compile_steps(
             out_shardings=replicated,
         )
         eval_compiled = ejit.lower(
-            _abstract(state.params, state_sharding.params),
+            shd.abstract_with_shardings(state.params, state_sharding.params),
             jax.ShapeDtypeStruct((micro_batch, seq_len), jnp.int32, sharding=e_ids),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             rest,

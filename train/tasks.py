@@ -23,7 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flax_narrow.modeling import bert, narrow
+from flax_narrow.errors import ConfigError
+from flax_narrow.modeling import architecture_for
 
 TASKS = ("classification", "regression", "multilabel", "multiple_choice", "token", "qa")
 
@@ -60,7 +61,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in TASKS:
-            raise ValueError(f"unknown task {self.kind!r}; choose one of {', '.join(TASKS)}")
+            raise ConfigError(f"unknown task {self.kind!r}; choose one of {', '.join(TASKS)}")
 
     @property
     def num_labels(self) -> int:
@@ -69,7 +70,7 @@ class Task:
         if self.kind in ("multiple_choice", "qa"):
             return 2
         if not self.label_names:
-            raise ValueError(f"task {self.kind!r} needs label_names")
+            raise ConfigError(f"task {self.kind!r} needs label_names")
         return len(self.label_names)
 
     @property
@@ -85,17 +86,27 @@ class Task:
         return self.metric or DEFAULT_METRIC[self.kind]
 
 
+# Task kind -> the head of flax_narrow.modeling.ARCHITECTURES that computes it.
+TASK_HEADS = {
+    "classification": "sequence-classification",
+    "regression": "sequence-classification",
+    "multilabel": "sequence-classification",
+    "multiple_choice": "multiple-choice",
+    "token": "token-classification",
+    "qa": "question-answering",
+}
+
+
 def model_class(task: Task, narrow_model: bool) -> type:
-    """The model class of a task; NarrowBERT classes carry the narrow architecture names."""
-    if task.kind == "qa":
-        if narrow_model:
-            raise ValueError("extractive QA needs every token's output; NarrowBERT models do not support it")
-        return bert.BertForQuestionAnswering
-    if task.kind == "multiple_choice":
-        return narrow.NarrowBertForMultipleChoice if narrow_model else bert.BertForMultipleChoice
-    if task.kind == "token":
-        return narrow.NarrowBertForTokenClassification if narrow_model else bert.BertForTokenClassification
-    return narrow.NarrowBertForSequenceClassification if narrow_model else bert.BertForSequenceClassification
+    """The model class of a task, from the architecture table; NarrowBERT classes carry the narrow names.
+
+    Raises:
+      ConfigError: a head NarrowBERT does not have (extractive QA needs every token's output).
+    """
+    row = architecture_for(TASK_HEADS[task.kind], narrow_model)
+    if narrow_model and row.family != "narrow":
+        raise ConfigError(f"the {row.head} head needs every token's output; NarrowBERT models do not support it")
+    return row.cls
 
 
 def forward(task: Task, model: Any, batch: dict[str, Any], *, deterministic: bool) -> tuple[Any, Any]:

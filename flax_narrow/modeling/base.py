@@ -11,20 +11,29 @@ import numpy as np
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import InputError
 from flax_narrow.ops.gather import positions_from_mask
 
 
 class PreTrainedEncoder(nnx.Module):
     """Common API: ``from_config``, ``from_pretrained``, ``save_pretrained``, ``num_parameters``.
 
-    Subclasses set ``hf_architecture`` (the transformers class name their checkpoints use) and
-    ``base_model_prefix`` (``"bert"`` for task models holding ``self.bert``; ``""`` for the base model).
+    ``hf_architecture`` is the class's own name, which is the transformers (or NarrowBERT authors') class name
+    that config.json's ``architectures`` carries; the other names of each class are in
+    :data:`flax_narrow.modeling.ARCHITECTURES`. A subclass defined outside flax-narrow keeps its parent's
+    (its checkpoints are the parent's architecture). Subclasses set ``base_model_prefix`` (``"bert"`` for task
+    models holding ``self.bert``; ``""`` for the base model).
     """
 
     hf_architecture: ClassVar[str] = ""
     base_model_prefix: ClassVar[str] = "bert"
 
     config: EncoderConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("flax_narrow.modeling."):
+            cls.hf_architecture = cls.__name__
 
     @classmethod
     def from_config(cls, config: EncoderConfig, *, seed: int = 0, **kwargs: Any) -> PreTrainedEncoder:
@@ -68,7 +77,7 @@ def resolve_narrow(
     """
     if narrow_mask is not None:
         if narrow_positions is not None:
-            raise ValueError("pass either narrow_mask or narrow_positions, not both")
+            raise InputError("pass either narrow_mask or narrow_positions, not both")
         narrow_positions, narrow_valid = positions_from_mask(np.asarray(narrow_mask))
     if narrow_positions is None and cls_only and config.is_narrow:
         narrow_positions = jnp.zeros((input_ids_bl.shape[0], 1), jnp.int32)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
+from flax_narrow.errors import ConfigError
 from flax_narrow.modeling.base import PreTrainedEncoder, resolve_narrow
 from flax_narrow.modeling.layers import BertEmbeddings, BertEncoder, BertPooler, activation, dense, layer_norm
 from flax_narrow.modeling.losses import IGNORE_INDEX, classification_loss, masked_cross_entropy
@@ -35,7 +36,6 @@ class BertModel(PreTrainedEncoder):
     ``last_hidden_state`` is (B, L, H), or (B, P, H) when rows are selected (always for NarrowBERT).
     """
 
-    hf_architecture = "BertModel"
     base_model_prefix = ""
 
     def __init__(self, config: EncoderConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs):
@@ -128,8 +128,6 @@ class BertForMaskedLM(PreTrainedEncoder):
     with (B, L) labels and no positions, the rows are derived from ``labels != -100`` (the authors' rule).
     """
 
-    hf_architecture = "BertForMaskedLM"
-
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.bert = _task_base(config, False, rngs)
@@ -194,8 +192,6 @@ def _row_loss(logits_bpc, labels, positions_bp, valid_bp):
 class BertForSequenceClassification(PreTrainedEncoder):
     """pooler -> dropout -> classifier. NarrowBERT runs its narrow layers on the CLS row only (P = 1)."""
 
-    hf_architecture = "BertForSequenceClassification"
-
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.bert = _task_base(config, True, rngs)
@@ -234,8 +230,6 @@ class BertForSequenceClassification(PreTrainedEncoder):
 
 class BertForMultipleChoice(PreTrainedEncoder):
     """Inputs (B, C, L) -> (B*C, L) -> pooler -> dropout -> Linear(H, 1) -> logits (B, C)."""
-
-    hf_architecture = "BertForMultipleChoice"
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -279,8 +273,6 @@ class BertForMultipleChoice(PreTrainedEncoder):
 
 class BertForTokenClassification(PreTrainedEncoder):
     """dropout -> classifier per token: (B, L, labels), or (B, P, labels) at the selected rows."""
-
-    hf_architecture = "BertForTokenClassification"
 
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -329,8 +321,6 @@ class BertForTokenClassification(PreTrainedEncoder):
 class BertForQuestionAnswering(PreTrainedEncoder):
     """qa_outputs: Linear(H, 2) per token -> start/end logits (B, L). Full-length models only."""
 
-    hf_architecture = "BertForQuestionAnswering"
-
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.bert = _task_base(config, False, rngs)
@@ -350,7 +340,7 @@ class BertForQuestionAnswering(PreTrainedEncoder):
         output_attentions=False,
     ) -> QuestionAnsweringModelOutput:
         if self.config.is_narrow:
-            raise ValueError("question answering needs every token's output; NarrowBERT models do not support it")
+            raise ConfigError("question answering needs every token's output; NarrowBERT models do not support it")
         out = self.bert(
             input_ids,
             attention_mask,
@@ -381,15 +371,3 @@ BortForSequenceClassification = BertForSequenceClassification
 BortForMultipleChoice = BertForMultipleChoice
 BortForTokenClassification = BertForTokenClassification
 BortForQuestionAnswering = BertForQuestionAnswering
-
-MODEL_CLASSES = {
-    cls.hf_architecture: cls
-    for cls in (
-        BertModel,
-        BertForMaskedLM,
-        BertForSequenceClassification,
-        BertForMultipleChoice,
-        BertForTokenClassification,
-        BertForQuestionAnswering,
-    )
-}

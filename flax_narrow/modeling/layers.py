@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_narrow.config import EncoderConfig
-from flax_narrow.errors import ConfigError
+from flax_narrow.errors import ConfigError, InputError
 from flax_narrow.ops.gather import gather_rows
 
 
@@ -371,7 +371,7 @@ class BertEncoder(nnx.Module):
             )
             states, attns = states + s2, attns + a2
         elif full < cfg.num_hidden_layers:
-            raise ValueError(
+            raise InputError(
                 f"a NarrowBERT encoder (full_length_layers={full} < {cfg.num_hidden_layers} layers) needs "
                 "narrow positions: pass narrow_positions/narrow_valid (or narrow_mask outside jit)"
             )

@@ -24,28 +24,18 @@ from flax_narrow.modeling.bert import (
 class NarrowBertModel(BertModel):
     """Embeddings, F full layers, N - F narrow layers over the selected rows; pooler on row 0."""
 
-    hf_architecture = "NarrowBertModel"
-
 
 class NarrowBertForMaskedLM(BertForMaskedLM):
     """MLM logits (B, P, V) at the masked rows only."""
-
-    hf_architecture = "NarrowBertForMaskedLM"
 
 
 class NarrowBertForSequenceClassification(BertForSequenceClassification):
     """Narrow layers on the CLS row only; pooler -> dropout -> classifier."""
 
-    hf_architecture = "NarrowBertForSequenceClassification"
-
 
 class NarrowBertForMultipleChoice(BertForMultipleChoice):
     """(B, C, L) inputs; the CLS row of each choice; logits (B, C). (The port's head.)"""
 
-    hf_architecture = "NarrowBertForMultipleChoice"
-
 
 class NarrowBertForTokenClassification(BertForTokenClassification):
     """Logits (B, P, labels) at the selected rows (e.g. the first sub-token of each word)."""
-
-    hf_architecture = "NarrowBertForTokenClassification"

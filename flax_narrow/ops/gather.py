@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_narrow.errors import NarrowOverflowError
+from flax_narrow.errors import InputError, NarrowOverflowError
 
 
 def mask_to_positions(mask_bl: jax.Array, max_positions: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -29,7 +29,7 @@ def mask_to_positions(mask_bl: jax.Array, max_positions: int) -> tuple[jax.Array
     mask_bl = jnp.asarray(mask_bl, dtype=bool)
     _, length = mask_bl.shape
     if max_positions < 1:
-        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        raise InputError(f"max_positions must be >= 1, got {max_positions}")
     # Rank of every selected position within its row (0-based); unselected positions get rank >= P (dropped).
     rank_bl = jnp.cumsum(mask_bl, axis=1, dtype=jnp.int32) - 1
     slot_bl = jnp.where(mask_bl & (rank_bl < max_positions), rank_bl, max_positions)
@@ -54,7 +54,7 @@ def positions_from_mask(
     """
     mask = np.asarray(mask_bl, dtype=bool)
     if mask.ndim != 2:
-        raise ValueError(f"narrow mask must be bool[B, L], got shape {mask.shape}")
+        raise InputError(f"narrow mask must be bool[B, L], got shape {mask.shape}")
     counts = mask.sum(axis=1)
     if max_positions is None:
         max_positions = max(int(counts.max(initial=0)), 1)

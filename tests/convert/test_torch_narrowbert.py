@@ -64,7 +64,7 @@ def test_loader_reads_both_layouts_exactly(tmp_path, mlm_ref, layout):
 
 def test_loader_refuses_missing_heads_and_pickled_code(tmp_path, mlm_ref):
     d = save_authors_checkpoint(mlm_ref, tmp_path / "mlm", CFG, "NarrowBertForMaskedLM")
-    with pytest.raises(CheckpointError, match=r"missing \['bert.pooler.dense.weight'"):
+    with pytest.raises(CheckpointError, match=r"missing keys \['bert.pooler.dense.bias', 'bert.pooler.dense.weight'"):
         load_torch_narrowbert(d, "NarrowBertForSequenceClassification")
 
     class Evil:
