@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from flax_narrow.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PRESETS = ("demo-narrowbert", "demo-bert")
@@ -57,7 +59,7 @@ def unigram_entropy(rows: Sequence[np.ndarray], special_ids: Sequence[int]) -> f
     ids = np.concatenate([np.asarray(r).ravel() for r in rows])
     ids = ids[~np.isin(ids, np.asarray(list(special_ids)))]
     if ids.size == 0:
-        raise ValueError("unigram_entropy: no non-special tokens")
+        raise InputError("unigram_entropy: the rows hold no non-special token")
     counts = np.bincount(ids).astype(np.float64)
     p = counts[counts > 0] / ids.size
     return float(-(p * np.log(p)).sum())

@@ -13,6 +13,7 @@ import shlex
 import numpy as np
 import pytest
 
+from flax_narrow.errors import InputError
 from flax_narrow.train import demo
 from flax_narrow.train.demo import PRESETS, loss_table, run_demo, unigram_entropy
 
@@ -118,7 +119,7 @@ def test_unigram_entropy_of_known_counts():
     rows = [np.array([[2, 5, 5, 0]]), np.array([[2, 6, 7, 0]])]
     assert unigram_entropy(rows, [0, 2]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
     assert unigram_entropy([np.array([9, 9, 9])], [0]) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="no non-special token"):
         unigram_entropy([np.array([0, 2])], [0, 2])
 
 
