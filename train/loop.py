@@ -148,9 +148,12 @@ def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any 
         log.info("training rows: %d of %d tokens", len(source), dcfg.seq_len)
         ds = D.train_dataset(source, seed=tcfg.seed, accum=accum, shard=shard)
     eval_sets: list[np.ndarray] = []
-    if tcfg.eval_every > 0:
+    if tcfg.eval_every > 0 or tcfg.eval_every_seconds > 0:
         if eval_docs is None:
-            raise ConfigError("train.eval_every > 0 needs an eval split: data.eval_files or data.eval_fraction > 0")
+            raise ConfigError(
+                "train.eval_every (or eval_every_seconds) > 0 needs an eval split: data.eval_files or "
+                "data.eval_fraction > 0"
+            )
         eval_src = D.PackedRows(D.packed_cached(eval_docs, tokenizer, dcfg, cache_dir, "eval"))
         eval_sets = D.eval_batches(eval_src, micro, tcfg.eval_batches, shard)
     masking = MaskingSpec.from_tokenizer(
@@ -362,14 +365,17 @@ def pretrain(
     timed_steps, timed_seconds = 0, 0.0
     window_start, window_steps = time.perf_counter(), 0
     first_flush = True
+    train_seconds = 0.0  # wall-clock of the training steps so far (train.max_seconds, eval_every_seconds)
+    next_eval_seconds = tcfg.eval_every_seconds
 
     def flush() -> None:
-        nonlocal skipped, window_start, window_steps, timed_steps, timed_seconds, first_flush
+        nonlocal skipped, window_start, window_steps, timed_steps, timed_seconds, first_flush, train_seconds
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
         now = time.perf_counter()
         dt = now - window_start
+        train_seconds += dt
         # The first window includes the first dispatch; later windows give the steady-state throughput.
         if not first_flush:
             timed_steps += window_steps
@@ -416,6 +422,7 @@ def pretrain(
         if "kd_sum" in totals:
             rec["eval_kd_loss"] = totals["kd_sum"] / count
         rec["eval_predictions"] = totals["count"]
+        rec["train_seconds"] = train_seconds
         evals.append({"step": step_no, **rec})
         writer.write(step_no, rec, kind="eval")
         log.info("step %d eval: %s", step_no, rec)
@@ -443,9 +450,18 @@ def pretrain(
                 last = step_no == end
                 stop = sigterm.raised or (checkpointer is not None and checkpointer.reached_preemption(step_no))
                 do_ckpt = checkpointer is not None and (step_no % ccfg.every_steps == 0 or last or stop)
-                do_eval = eval_fn is not None and (step_no % tcfg.eval_every == 0 or last)
+                every = tcfg.eval_every
+                do_eval = eval_fn is not None and ((every > 0 and step_no % every == 0) or last)
+                out_of_time = False
                 if step_no % tcfg.log_every == 0 or last or stop or do_ckpt or do_eval:
                     flush()
+                    out_of_time = tcfg.max_seconds is not None and train_seconds >= tcfg.max_seconds
+                    if eval_fn is not None and next_eval_seconds > 0 and train_seconds >= next_eval_seconds:
+                        do_eval = True
+                        while next_eval_seconds <= train_seconds:
+                            next_eval_seconds += tcfg.eval_every_seconds
+                    if out_of_time:  # the end of the run, as at the last step
+                        do_ckpt, do_eval = checkpointer is not None, eval_fn is not None
                 if do_eval:
                     evaluate(step_no)
                 if do_ckpt:
@@ -456,6 +472,9 @@ def pretrain(
                     preempted = True
                     stop_signal = sigterm.signum
                     log.warning("stopping at step %d after a termination request (checkpoint saved)", step_no)
+                    break
+                if out_of_time:
+                    log.info("stopping at step %d: train.max_seconds=%s reached", step_no, tcfg.max_seconds)
                     break
             flush()
     finally:
