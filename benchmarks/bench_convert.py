@@ -1,11 +1,11 @@
 """Conversion benchmark: time and peak memory of ``flax-narrow convert`` on a full-size BORT checkpoint.
 
-The checkpoint is written the way the hub's ``amazon/bort`` is stored (``flax_narrow.demo``): a transformers
-``BertForMaskedLM`` with BORT's shape (hidden 1024, 4 layers, 8 heads, FFN 768, vocab 50265; 76.2M parameters),
-fp16 ``pytorch_model.bin`` holding a stale untied decoder copy. Each measurement is a fresh process, exactly as a
-user runs it; its peak RSS comes from ``wait4`` (the child's own ``ru_maxrss``). A process that only imports
-what the CLI imports gives the baseline (interpreter + jax + flax + torch), so the figure attributable to the
-conversion is ``peak - baseline``.
+The checkpoint is written the way the hub's ``amazon/bort`` is stored (``flax_narrow.convert.parity_demo``): a
+transformers ``BertForMaskedLM`` with BORT's shape (hidden 1024, 4 layers, 8 heads, FFN 768, vocab 50265; 76.2M
+parameters), fp16 ``pytorch_model.bin`` holding a stale untied decoder copy. Each measurement is a fresh process,
+exactly as a user runs it; its peak RSS comes from ``wait4`` (the child's own ``ru_maxrss``). A process that only
+imports what the CLI imports gives the baseline (interpreter + jax + flax + torch), so the figure attributable to
+the conversion is ``peak - baseline``.
 
 Usage::
 
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(os.path.join(src, "pytorch_model.bin")):
         # In a child process: Linux carries a parent's peak RSS into its children's ru_maxrss across fork+exec,
         # so this process stays small (stdlib only) for the measurements to be the children's own.
-        code = "from flax_narrow.demo import write_bort_like_checkpoint as w; import sys; w(sys.argv[1], hidden=1024)"
+        code = (
+            "from flax_narrow.convert.parity_demo import write_bort_like_checkpoint as w; import sys; "
+            "w(sys.argv[1], hidden=1024)"
+        )
         subprocess.run([sys.executable, "-c", code, src], check=True)
     size = os.path.getsize(os.path.join(src, "pytorch_model.bin"))
     exe = os.path.join(os.path.dirname(sys.executable), "flax-narrow")

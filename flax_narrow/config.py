@@ -85,6 +85,9 @@ class EncoderConfig:
     # default: the weights are stored per layer, and stacking them each call cost more than it saved on CPU
     # (benchmarks/RESULTS.md); worth trying on accelerators at large P.
     fuse_narrow_kv: bool = False
+    # Self-attention's Q, K and V projections as one (H, 3H) matmul (the kernels are concatenated at call
+    # time; parameters keep their per-projection layout). A compute setting, exact up to rounding.
+    fuse_qkv: bool = False
     # Run the layers of each segment as one lax.scan (compile time on deep models) and rematerialise each
     # layer in the backward pass: "none", "full" (save nothing), "dots", "dots_no_batch".
     scan_layers: bool = False

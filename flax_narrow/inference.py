@@ -2,7 +2,9 @@
 
 :func:`fill_mask` runs a masked-LM model (BERT, BORT, NarrowBERT) on the mask tokens' rows only: the masks become
 ``narrow_positions`` with a static budget P (``positions_from_mask``), so the MLM head (and NarrowBERT's narrow
-layers) compute P rows instead of L, and a jitted forward compiles once per (batch, length, P).
+layers) compute P rows instead of L. Texts are sorted by length into a few static buckets
+(:mod:`flax_narrow.bucketing`) instead of being padded to the longest, and a jitted forward compiles once per
+(rows, bucket length, P).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_narrow.errors import InputError
+from flax_narrow.bucketing import in_input_order, pad_rows, plan_batches
+from flax_narrow.errors import InputError, NarrowOverflowError
 from flax_narrow.ops.gather import positions_from_mask
-
-PAD_TO_MULTIPLE = 8  # pad lengths to a multiple of this, so that texts of similar lengths share a compilation
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,8 +42,14 @@ def fill_mask(
     texts: str | Sequence[str],
     top_k: int = 5,
     max_positions: int | None = None,
+    batch_size: int = 32,
+    buckets: Sequence[int] | None = None,
 ) -> list[Any]:
     """The ``top_k`` most likely tokens at every mask token of every text, as transformers' fill-mask pipeline.
+
+    Texts are sorted by length into static buckets (:mod:`flax_narrow.bucketing`; powers of two from 16 up to
+    the model's positions) and run in batches of at most ``batch_size``, so short texts are not padded to the
+    longest one and each (rows, bucket length, P) shape compiles once per process.
 
     Args:
       model: a masked-LM model (``BertForMaskedLM``, ``BortForMaskedLM``, ``NarrowBertForMaskedLM``).
@@ -51,6 +58,9 @@ def fill_mask(
       top_k: how many tokens per mask (capped at the vocabulary size).
       max_positions: the static budget P of rows per text (default: the most masks in one text). A fixed P
         keeps one compilation across calls whose mask counts differ.
+      batch_size: the most texts in one forward.
+      buckets: the static lengths, ascending (default :func:`~flax_narrow.bucketing.bucket_lengths` of the
+        model's usable positions); ``[max_length]`` pads every text to one length.
 
     Returns:
       Per text (a list, or just the one text's entry for a ``str``), per mask in order, a list of ``top_k``
@@ -58,8 +68,8 @@ def fill_mask(
       token decoded, and the text with this mask filled (other masks kept, as transformers does).
 
     Raises:
-      InputError: a tokenizer without a mask token, a text without one, a model that is not a masked LM, or
-        token ids beyond the model's vocabulary.
+      InputError: a tokenizer without a mask token, a text without one, a model that is not a masked LM,
+        token ids beyond the model's vocabulary, or bad ``batch_size`` / ``buckets``.
       NarrowOverflowError: a text with more masks than ``max_positions``.
     """
     single = isinstance(texts, str)
@@ -73,41 +83,51 @@ def fill_mask(
         raise InputError(f"fill_mask: the tokenizer {type(tokenizer).__name__} has no mask token")
     cfg = model.config
     limit = cfg.max_position_embeddings - cfg.position_offset
-    enc = tokenizer(
-        texts, padding=True, truncation=True, max_length=limit, pad_to_multiple_of=PAD_TO_MULTIPLE, return_tensors="np"
-    )
-    ids = np.asarray(enc["input_ids"], np.int32)
-    if ids.shape[1] > limit:  # padding to a multiple may overshoot the positions: drop padding columns only
-        ids = ids[:, :limit]
-    attention = np.asarray(enc.get("attention_mask", np.ones_like(ids)), np.int32)[:, : ids.shape[1]]
-    masks = ids == mask_id
-    for i in np.flatnonzero(~masks.any(axis=1)):
+    enc = tokenizer(texts, truncation=True, max_length=limit)
+    rows = [np.asarray(r, np.int32) for r in enc["input_ids"]]
+    use_types = "token_type_ids" in enc and cfg.type_vocab_size > 1
+    type_rows = [np.asarray(r, np.int32) for r in enc["token_type_ids"]] if use_types else None
+    counts = np.asarray([int((r == mask_id).sum()) for r in rows])
+    for i in np.flatnonzero(counts == 0):
         raise InputError(f"fill_mask: text {int(i)} ({texts[i][:60]!r}) has no mask token {tokenizer.mask_token}")
-    if int(ids.max()) >= cfg.vocab_size:
+    top_id = max(int(r.max()) for r in rows)
+    if top_id >= cfg.vocab_size:
         raise InputError(
-            f"fill_mask: the tokenizer produced id {int(ids.max())} but the model's vocab_size is {cfg.vocab_size}"
+            f"fill_mask: the tokenizer produced id {top_id} but the model's vocab_size is {cfg.vocab_size}"
         )
-    types = enc.get("token_type_ids")
-    types = np.zeros_like(ids) if types is None or cfg.type_vocab_size <= 1 else np.asarray(types, np.int32)
-    positions, valid = positions_from_mask(masks, max_positions=max_positions)
+    if max_positions is not None and int(counts.max()) > max_positions:
+        i = int(counts.argmax())
+        raise NarrowOverflowError(
+            f"fill_mask: text {i} has {int(counts[i])} mask tokens but the budget is P={max_positions}; "
+            "raise max_positions"
+        )
+    budget = int(counts.max()) if max_positions is None else int(max_positions)
     k = max(1, min(int(top_k), cfg.vocab_size))
     graphdef, state = nnx.split(model)
-    scores, tokens = _top_k_rows(graphdef, k)(state, ids, attention, types[:, : ids.shape[1]], positions, valid)
-    scores, tokens, positions = np.asarray(scores), np.asarray(tokens), np.asarray(positions)
+    run = _top_k_rows(graphdef, k)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.pad_token_id
+    plan = plan_batches([len(r) for r in rows], batch_size, limit, buckets, last="pow2")
+    results = []
+    for batch in plan:
+        ids = pad_rows(rows, batch, pad_id)
+        attention = pad_rows([np.ones(len(r), np.int32) for r in rows], batch, 0)
+        types = pad_rows(type_rows, batch, 0) if type_rows is not None else np.zeros_like(ids)
+        positions, valid = positions_from_mask(ids == mask_id, max_positions=budget)
+        scores, tokens = run(state, ids, attention, types, positions, valid)
+        results.append(list(zip(np.asarray(scores), np.asarray(tokens), np.asarray(positions))))
+    per_text = in_input_order(len(texts), plan, results)
 
-    pad_id = tokenizer.pad_token_id
     out = []
-    for b in range(len(texts)):
-        n = int(masks[b].sum())
+    for b, (scores, tokens, positions) in enumerate(per_text):
+        n = int(counts[b])
         per_mask = []
         for p in range(n):
             row = []
-            for score, token in zip(scores[b, p].tolist(), tokens[b, p].tolist()):
-                filled = ids[b].copy()
-                filled[positions[b, p]] = token
-                filled = filled[attention[b].astype(bool)]  # as the pipeline, which never pads: no padding
-                if pad_id is not None:
-                    filled = filled[filled != pad_id]
+            for score, token in zip(scores[p].tolist(), tokens[p].tolist()):
+                filled = rows[b].copy()  # as the pipeline, which never pads: the text's own tokens only
+                filled[positions[p]] = token
+                if tokenizer.pad_token_id is not None:
+                    filled = filled[filled != tokenizer.pad_token_id]
                 row.append(
                     {
                         "score": float(score),

@@ -80,14 +80,43 @@ def _flat(state: nnx.State) -> dict[str, Any]:
 
 
 def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool = True) -> str:
-    """Write ``model`` as a flax-narrow checkpoint directory that ``from_pretrained`` reads back exactly."""
+    """Write ``model`` as a flax-narrow checkpoint directory that ``from_pretrained`` reads back exactly.
+
+    ``config.json`` and ``flax_model.safetensors`` are written beside whatever the directory already holds
+    (a tokenizer, a README), as transformers does; each file is replaced atomically.
+
+    Raises:
+      CheckpointError: ``overwrite=False`` and the directory already holds a checkpoint, or it is a file.
+    """
+    import shutil
+    import tempfile
+
+    from flax_narrow.errors import CheckpointError
+
+    directory = os.path.abspath(os.fspath(directory))
+    names = ("config.json", "flax_model.safetensors")
+    if os.path.isfile(directory):
+        raise CheckpointError(f"{directory}: is a file, not a directory")
+    if not overwrite and any(os.path.exists(os.path.join(directory, n)) for n in names):
+        raise CheckpointError(f"{directory}: a checkpoint already exists there (pass overwrite=True to replace it)")
     params = {p: np.asarray(v.get_value()) for p, v in _flat(nnx.state(model, nnx.Param)).items()}
     config: EncoderConfig = model.config
-    return writers.write_flax_checkpoint(
-        directory,
-        config_dict=config.to_dict(),
-        hf_config=config.to_hf_config(),
-        architecture=type(model).hf_architecture,
-        params=params,
-        overwrite=overwrite,
-    )
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".save-", dir=parent)
+    try:
+        out = os.path.join(staging, "checkpoint")
+        writers.write_flax_checkpoint(
+            out,
+            config_dict=config.to_dict(),
+            hf_config=config.to_hf_config(),
+            architecture=type(model).hf_architecture,
+            params=params,
+            overwrite=True,
+        )
+        os.makedirs(directory, exist_ok=True)
+        for name in sorted(os.listdir(out), key=lambda n: n == "config.json"):  # config.json last
+            os.replace(os.path.join(out, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

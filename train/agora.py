@@ -40,6 +40,7 @@ from .candidates import Candidate
 from .finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
 from .finetune_data import Encoder
 from .labeller import MIN_ACCURACY, PreviousBestLabeller, check_labeller, probe_accuracy
+from .metrics import progress_bar
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,9 @@ class ClassifierLabeller:
     # shape); rebuilt only if ``model`` is replaced by one of another structure.
     _eval: tuple[Any, Any] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        self.label_names = labeller_label_names(self.model, self.task)
+
     def __call__(self, examples: Sequence[Example]) -> list[Any]:
         if not examples:
             return []
@@ -162,7 +166,53 @@ class ClassifierLabeller:
         _, pred = evaluate(self.task, ev, params, rest, self.encoder.encode(self.task, examples), self.batch_size)
         if self.task.kind == "regression":
             return [float(x) for x in pred]
-        return [self.task.label_names[int(x)] for x in pred]
+        # The labeller's own class order, mapped to the task's labels by name (never by position).
+        return [self.label_names[int(x)] for x in pred]
+
+
+def load_labeller_model(path: str, task: Task) -> Any:
+    """A fine-tuned classifier (local path or hub id) with its *own* config: its label names are kept, so
+    :class:`ClassifierLabeller` maps its outputs by name. Its classifier head must be in the checkpoint.
+
+    Raises:
+      CheckpointError: no such checkpoint, or no classifier head in it.
+    """
+    from flax_narrow.pretrained import read_checkpoint_config, resolve_path
+
+    from . import tasks as tasks_lib
+
+    local = resolve_path(path)
+    cfg, _, _ = read_checkpoint_config(local if os.path.isdir(local) else os.path.dirname(local))
+    return tasks_lib.model_class(task, cfg.is_narrow).from_pretrained(local, strict=True)
+
+
+def labeller_label_names(model: Any, task: Task) -> tuple[str, ...] | None:
+    """The label name of each of a labeller's outputs, in its own order (from its config).
+
+    Raises:
+      ConfigError: the labeller's label names are not the task's (a different set), or it has a different
+        number of outputs and no names.
+    """
+    from flax_narrow.errors import ConfigError
+
+    if task.kind != "classification":
+        return None
+    own = tuple(getattr(model.config, "label_names", None) or ())
+    want = tuple(task.label_names or ())
+    if not own:
+        if model.config.num_labels != len(want):
+            raise ConfigError(
+                f"the labeller has {model.config.num_labels} outputs, the task {len(want)} labels {list(want)}"
+            )
+        log.warning("the labeller's checkpoint names no labels; assuming the task's order %s", list(want))
+        return want
+    if set(own) != set(want):
+        raise ConfigError(
+            f"the labeller's labels {list(own)} are not the task's {list(want)}; fine-tune the labeller on this task"
+        )
+    if own != want:
+        log.info("labeller label order %s mapped by name to the task's %s", list(own), list(want))
+    return own
 
 
 @dataclasses.dataclass
@@ -234,6 +284,17 @@ class AgoraResult:
     round: int
     heldout: float
     rounds: list[dict[str, Any]]
+    # Stopped by SIGINT/SIGTERM: the finished rounds are on disk, a rerun with the same out_dir resumes.
+    preempted: bool = False
+    stop_signal: int | None = None
+
+
+def survivors(rounds: Sequence[dict[str, Any]], remaining: Sequence[Candidate], theta: Sequence[Candidate]) -> list:
+    """The Θ a replay round re-trains: the candidates pruning left, else the last non-replay round's Θ."""
+    if remaining:
+        return list(remaining)
+    trained = [s for s in rounds if not s.get("replay")]
+    return [Candidate(**c) for c in trained[-1]["theta"]] if trained else list(theta)
 
 
 def split_dev(dev: Sequence[Example], probe_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -293,23 +354,35 @@ def run_agora(
     if rounds:
         log.info("resuming after round %d (%d candidates left, %d points added)", r - 1, len(remaining), len(added))
     max_rounds = cfg.max_rounds if cfg.max_rounds is not None else len(theta)
-    last_theta = list(remaining) or ([Candidate(**c) for c in rounds[-1]["theta"]] if rounds else list(theta))
     replays_done = sum(1 for s in rounds if s.get("replay"))
-    while True:
-        replay = not remaining or r >= max_rounds
-        if replay and replays_done >= cfg.replay:
-            break
-        this_theta = last_theta if replay else remaining
-        rounds.append(
-            _round(task, encoder, list(train) + added, probe, probe_data, heldout_data, this_theta, model_factory,
-                   transform, labeller, prune, cfg, r, replay, added, min_labeller_accuracy)
-        )  # fmt: skip
-        if replay:
-            replays_done += 1
-        else:
-            last_theta = list(this_theta)
-            remaining = [Candidate(**c) for c in rounds[-1]["theta_left"]]
-        r += 1
+    stop_signal = None
+    from .loop import StopSignals
+
+    with StopSignals() as signals:
+        while True:
+            replay = not remaining or r >= max_rounds
+            if replay and replays_done >= cfg.replay:
+                break
+            # Replay re-trains the survivors: what pruning left, or, once Θ is empty, the last round's Θ.
+            # A function of the finished rounds only, so a fresh run and a resumed one replay the same Θ.
+            this_theta = survivors(rounds, remaining, theta) if replay else remaining
+            state = _round(task, encoder, list(train) + added, probe, probe_data, heldout_data, this_theta,
+                           model_factory, transform, labeller, prune, cfg, r, replay, added, signals,
+                           min_labeller_accuracy)  # fmt: skip
+            if state is None:  # SIGINT / SIGTERM: the round was not finished; a rerun redoes it
+                stop_signal = signals.signum or 15
+                log.warning("agora stopped in round %d; finished rounds are kept, a rerun resumes at round %d", r, r)
+                break
+            rounds.append(state)
+            if replay:
+                replays_done += 1
+            else:
+                remaining = [Candidate(**c) for c in rounds[-1]["theta_left"]]
+            r += 1
+    if stop_signal is not None:
+        return AgoraResult(None, r, math.nan, rounds, preempted=True, stop_signal=stop_signal)
+    if not rounds:
+        raise ValueError("Θ is empty: nothing to train")
     best = max(rounds, key=lambda s: (not s.get("heldout_collapsed", False), s["heldout"]))
     _write_summary(cfg.out_dir, rounds, best)
     model = _load_round_model(model_factory, cfg.out_dir, best["round"])
@@ -317,13 +390,23 @@ def run_agora(
 
 
 def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory, transform, labeller, prune, cfg,
-           r, replay, added, min_acc=MIN_ACCURACY) -> dict[str, Any]:  # fmt: skip
+           r, replay, added, signals=None, min_acc=MIN_ACCURACY) -> dict[str, Any] | None:  # fmt: skip
     t0 = time.perf_counter()
     data = encoder.encode(task, train)
     models: list[Any] = []
-    for group in cand_lib.groups(theta):
+    groups = cand_lib.groups(theta)
+    bar = progress_bar(len(theta), 0, cfg.finetune.progress_bar, desc=f"agora round {r}")
+    for group in groups:
+        if signals is not None and signals.raised:
+            if bar is not None:
+                bar.close()
+            return None
         trainer = cand_lib.train_side_by_side if cfg.side_by_side else cand_lib.train_sequential
         models += trainer(factory, task, data, group, cfg.finetune)
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
     order = [c for g in cand_lib.groups(theta) for c in g]
     metric = task.selection_metric
     scores, preds, guards = [], [], []

@@ -1,9 +1,10 @@
-"""Candidates side by side: K fine-tuning runs of one small model trained together on one device.
+"""Candidates side by side: K fine-tuning runs of one small model trained together in one compiled step.
 
-The step of :mod:`flax_narrow.train.finetune` takes the learning rate, weight decay and schedule as arrays, so
-``jax.vmap`` over stacked parameters, optimizer states, RNG states, batches and those scalars trains K
-candidates in one compiled step. Candidate k's initial head and dropout come from its seed, its data order
-from its seed too, so the result equals running the K candidates one by one (``train_sequential``).
+The fine-tuning step (:func:`flax_narrow.train.finetune.make_train_step`, the pretraining state, guard and
+optimizer) keeps its learning rate, weight decay and schedule in the optimizer state
+(``optax.inject_hyperparams``), so ``jax.vmap`` over stacked train states, batches and seeds trains K
+candidates at once. Candidate k's initial head and dropout come from its seed, its data order from its seed
+too, so the result equals running the K candidates one by one (``train_sequential``).
 All candidates of a group share the batch size and step count (group candidates by batch size and epochs).
 """
 
@@ -23,14 +24,16 @@ from flax_narrow.errors import ConfigError
 
 from .finetune import (
     FinetuneConfig,
-    adam_init,
     bort_head_init,
-    device_batch,
     forward_fn,
+    host_batch,
+    init_train_state,
+    make_optimizer,
     make_train_step,
     split_model,
+    train_batches,
 )
-from .finetune_data import batches
+from .optimizer import set_hyperparams
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -69,17 +72,18 @@ class Candidate:
 _STEPS: dict[Any, Callable] = {}
 
 
-def _compiled_step(model: Any, graphdef: Any, task: Task, base: FinetuneConfig, vmapped: bool) -> Callable:
+def _compiled_step(model: Any, graphdef: Any, task: Task, base: FinetuneConfig, tx: Any, vmapped: bool) -> Callable:
     """The jitted (optionally vmapped) step, cached by (model class, config, task, settings) so that repeated
-    rounds and benchmarks compile once (graph definitions of equal models do not compare equal)."""
-    key = (type(model), model.config, task, base, vmapped)
+    rounds and benchmarks compile once (graph definitions of equal models do not compare equal). The
+    hyperparameters that differ between candidates live in the optimizer state, not in the cache key."""
+    key = (type(model), model.config, task, base.head, base.b1, base.b2, base.eps, base.max_grad_norm, vmapped)
     if key not in _STEPS:
         if len(_STEPS) >= 16:
             _STEPS.clear()
-        step = make_train_step(graphdef, forward_fn(task, base.head), base)
+        step = make_train_step(graphdef, forward_fn(task, base.head), tx)
         if vmapped:
-            step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None))
-        _STEPS[key] = jax.jit(step, donate_argnums=(0, 2))
+            step = jax.vmap(step, in_axes=(0, None, 0, 0))
+        _STEPS[key] = jax.jit(step, donate_argnums=(0,))
     return _STEPS[key]
 
 
@@ -98,17 +102,20 @@ def _init(model_factory: Callable[[int], Any], cand: Candidate, base: FinetuneCo
     return (model, *split_model(model))
 
 
-def _data_order(train: dict[str, np.ndarray], cand: Candidate, steps: int):
-    """The batches of candidate ``cand``: shuffled per epoch by its seed, full batches only."""
-    rng = np.random.default_rng(cand.seed)
-    n = len(train["input_ids"])
-    out = []
-    while len(out) < steps:
-        for b in batches(train, cand.batch_size, rng=rng, drop_last=n >= cand.batch_size):
-            out.append(device_batch(b))
-            if len(out) == steps:
-                break
-    return out
+def _data_order(train: dict[str, np.ndarray], cand: Candidate, steps: int) -> list[dict[str, np.ndarray]]:
+    """The first ``steps`` batches of candidate ``cand`` (the order :func:`finetune` uses for its seed)."""
+    it = train_batches(train, cand.batch_size, cand.seed)
+    return [host_batch(next(it)) for _ in range(steps)]
+
+
+def _hyperparams(cfg: FinetuneConfig, n: int) -> dict[str, float]:
+    total = cfg.total_steps(n)
+    return {
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": float(round(cfg.warmup_ratio * total)),
+        "total_steps": float(total),
+    }
 
 
 def train_side_by_side(
@@ -131,17 +138,19 @@ def train_side_by_side(
     n = len(train["input_ids"])
     cfgs = [c.config(base) for c in candidates]
     splits = [_init(model_factory, c, base) for c in candidates]
-    model0, graphdef = splits[0][0], splits[0][1]
-    params, rest = _stack([s[2] for s in splits]), _stack([s[3] for s in splits])
-    opt_state = jax.vmap(lambda p: adam_init(p, base.b1, base.b2, base.eps))(params)
-    hp = _stack([c.hparams(n) for c in cfgs])
+    model0, graphdef, rest = splits[0][0], splits[0][1], splits[0][3]
+    tx = make_optimizer(cfgs[0], n)
+    states = jax.vmap(lambda p: init_train_state(p, tx))(_stack([s[2] for s in splits]))
+    hp = {name: jnp.asarray([_hyperparams(c, n)[name] for c in cfgs], jnp.float32) for name in _hyperparams(base, n)}
+    states = dataclasses.replace(states, opt_state=set_hyperparams(states.opt_state, **hp))
+    seeds = jnp.asarray([c.seed for c in candidates], jnp.int32)
     total = cfgs[0].total_steps(n)
-    vstep = _compiled_step(model0, graphdef, task, base, True)
+    vstep = _compiled_step(model0, graphdef, task, base, tx, True)
     orders = [_data_order(train, c, total) for c in candidates]
     for t in range(total):
         batch = _stack([orders[i][t] for i in range(k)])
-        params, rest, opt_state, _ = vstep(params, rest, opt_state, batch, hp, jnp.int32(t))
-    return [nnx.merge(graphdef, p, r) for p, r in zip(_unstack(params, k), _unstack(rest, k))]
+        states, _ = vstep(states, rest, batch, seeds)
+    return [nnx.merge(graphdef, p, rest) for p in _unstack(states.params, k)]
 
 
 def train_sequential(
@@ -158,12 +167,12 @@ def train_sequential(
     for c in candidates:
         cfg = c.config(base)
         model, graphdef, params, rest = _init(model_factory, c, base)
-        opt_state = adam_init(params, base.b1, base.b2, base.eps)
-        step = _compiled_step(model, graphdef, task, base, False)
-        hp = cfg.hparams(n)
-        for t, batch in enumerate(_data_order(train, c, cfg.total_steps(n))):
-            params, rest, opt_state, _ = step(params, rest, opt_state, batch, hp, jnp.int32(t))
-        models.append(nnx.merge(graphdef, params, rest))
+        tx = make_optimizer(cfg, n)
+        state = init_train_state(params, tx)
+        step = _compiled_step(model, graphdef, task, base, tx, False)
+        for batch in _data_order(train, c, cfg.total_steps(n)):
+            state, _ = step(state, rest, batch, jnp.int32(c.seed))
+        models.append(nnx.merge(graphdef, state.params, rest))
     return models
 
 

@@ -87,3 +87,9 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def has_checkpoints(directory: str) -> bool:
+    """True when ``directory`` holds at least one finished step checkpoint (a numbered sub-directory)."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    return os.path.isdir(directory) and any(x.isdigit() for x in os.listdir(directory))

@@ -26,7 +26,8 @@ examples:
 presets: tiny, tiny-bert, demo-narrowbert, demo-bert, narrowbert-base, bert-base, bort.
 sections for --set: model (EncoderConfig fields), data, train, kd, mesh, checkpoint; e.g.
   --set model.full_length_layers=2 --set mesh.fsdp=4 --set checkpoint.every_steps=500
-exit codes: 0 done; 2 configuration/checkpoint error; 143 stopped by SIGTERM after saving a checkpoint.
+exit codes: 0 done; 2 configuration/checkpoint error; 143 (SIGTERM) / 130 (SIGINT, Ctrl-C) stopped after
+saving a checkpoint.
 multi-host: run the same command on every host with --distributed on (jax.distributed.initialize() then finds
 TPU pods and SLURM jobs itself; scripts/ does this), or --coordinator-address/--num-processes/--process-id.
 --output-dir is a filesystem path every host can write (on TPU VMs, a bucket mounted with gcsfuse).
@@ -65,6 +66,19 @@ def register(sub) -> None:
     p.add_argument("--init-from", default=None, help="initial weights: a converted/HF checkpoint or hub id")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for the MFU estimate")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile the train step for --topology on this machine (no TPU; needs libtpu), print per-device "
+        "memory and FLOPs, exit 2 if it does not fit (docs/pods.md)",
+    )
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only: v4-32, v5p-8, v5e-16, v6e-8, ...")
+    add_distributed_args(p)
+    p.set_defaults(func=_cli)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """The multi-host flags (shared by pretrain, finetune and agora); :func:`init_distributed` reads them."""
     g = p.add_argument_group("multi-host")
     g.add_argument(
         "--distributed",
@@ -77,7 +91,6 @@ def register(sub) -> None:
     g.add_argument("--num-processes", type=int, default=None)
     g.add_argument("--process-id", type=int, default=None)
     g.add_argument("--cpu-devices", type=int, default=None, help="fake CPU devices per process (testing)")
-    p.set_defaults(func=_cli)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -136,6 +149,10 @@ def _cli(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if args.compile_only:
+        from .aot import compile_only_main
+
+        return compile_only_main(cfg, args.topology)
     init_distributed(args)
     import jax
 
@@ -159,4 +176,6 @@ def _cli(args: argparse.Namespace) -> int:
             "run_dir": result.run_dir,
         }
         print(json.dumps(summary), file=sys.stderr)
-    return EXIT_PREEMPTED if result.preempted else 0
+    if result.preempted:
+        return 128 + result.stop_signal if result.stop_signal else EXIT_PREEMPTED
+    return 0

@@ -101,15 +101,26 @@ def _load_files(files: list[str], cfg: DataConfig, cache_dir: str, streaming: bo
     if len(builders) != 1:
         raise ConfigError(f"data.files mixes formats {sorted(builders)}; use one format per run")
     builder = builders.pop()
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise ConfigError(f"data.files: {empty[0]} is empty")
     kw: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    ds = datasets.load_dataset(
-        builder,
-        data_files=files,
-        split="train",
-        streaming=streaming,
-        cache_dir=os.path.join(cache_dir, "datasets"),
-        **kw,
-    )
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files=files,
+            split="train",
+            streaming=streaming,
+            cache_dir=os.path.join(cache_dir, "datasets"),
+            **kw,
+        )
+    except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types; one clear line for the user
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"data.files: cannot read {files[0]}{' ...' if len(files) > 1 else ''} as {builder} ({first})"
+        ) from None
+    if not streaming and len(ds) == 0:
+        raise ConfigError(f"data.files: no documents in {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
     return ds
 
 

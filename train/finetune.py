@@ -1,11 +1,13 @@
-"""Fine-tuning: one pure jitted step (AdamW with per-run scalars), evaluation, best checkpoint, early stopping,
-prediction files.
+"""Fine-tuning on the pretraining machinery: one objective (a task loss and its data), not a second loop.
 
-The optimizer is AdamW written from optax pieces (global-norm clipping, ``scale_by_adam``) with the learning
-rate, weight decay and warmup given as *arrays* to the step, not baked into the optimizer. That is what lets
-:mod:`flax_narrow.train.candidates` ``jax.vmap`` the very same step over K candidates with different
-hyperparameters. Schedule: linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0. Weight
-decay is decoupled (``p -= lr * wd * p``) and applies to kernels and embeddings only.
+The optimizer is :func:`flax_narrow.train.optimizer.make_finetune_optimizer` (optax AdamW with decoupled
+weight decay on kernels and embeddings, global-norm clipping, linear warmup over ``warmup_ratio`` of the steps
+then linear decay to 0), with its learning rate, weight decay and schedule injected into the optimizer state
+(``optax.inject_hyperparams``): that is what lets :mod:`flax_narrow.train.candidates` ``jax.vmap`` the very
+same step over K candidates with different hyperparameters. The state is the pretraining
+:class:`~flax_narrow.train.step.TrainState`; the update goes through the same non-finite guard; the step is
+AOT-compiled with explicit shardings on a device mesh; metrics go to the same writer; checkpoints are orbax
+checkpoints (:mod:`flax_narrow.train.checkpoint`) and a resumed run is bit-exact.
 
 BORT recipe: ``head="bort"`` gives the released head (first-token row -> dropout -> Dense tanh -> dropout ->
 Dense, weights U(-0.5, 0.5), biases 0); use ``pair_format="single_sep"`` (``<s> A </s> B </s>``), many epochs
@@ -28,17 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_narrow.errors import ConfigError, NonFiniteError
+from flax_narrow.errors import ConfigError, InputError, NonFiniteError
 
+from . import checkpoint as ckpt
 from . import collapse
+from . import sharding as shd
+from . import step as S
 from . import tasks as tasks_lib
+from .config import MeshConfig
 from .finetune_data import batches
+from .metrics import MetricsWriter, progress_bar
+from .optimizer import current_learning_rate, make_finetune_optimizer
+from .step import TrainState
 from .tasks import Task
 
 log = logging.getLogger(__name__)
 
 HEADS = ("standard", "bort")
+NONFINITE_ACTIONS = ("stop", "skip")
+_DROPOUT_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,33 +68,46 @@ class FinetuneConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    # Evaluate every N steps (0: at the end of every epoch).
+    # Evaluate (and checkpoint) every N steps (0: at the end of every epoch).
     eval_every: int = 0
     # Stop after this many evaluations without improvement (0: never).
     patience: int = 0
     head: str = "standard"
+    # Train metrics (loss, grad norm, learning rate) are fetched and written every N steps.
+    log_every: int = 10
+    progress_bar: bool = True
+    # A step whose loss or gradients are not finite is never applied; "stop" raises, "skip" goes on.
+    on_nonfinite: str = "stop"
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
-        if self.batch_size < 1 or self.epochs <= 0:
-            raise ConfigError("batch_size must be >= 1 and epochs > 0")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        need(math.isfinite(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning rate must be > 0, got {self.learning_rate}",
+        )
+        need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        need(self.eval_every >= 0, f"eval_every must be >= 0 (0: every epoch), got {self.eval_every}")
+        need(self.patience >= 0, f"patience must be >= 0 (0: off), got {self.patience}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        need(
+            self.on_nonfinite in NONFINITE_ACTIONS,
+            f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}",
+        )
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
     def total_steps(self, n_train: int) -> int:
         per_epoch = max(n_train // self.batch_size, 1)
         return max(int(math.ceil(per_epoch * self.epochs)), 1)
-
-    def hparams(self, n_train: int) -> dict[str, jax.Array]:
-        """The per-run scalars the step takes (fp32 arrays; vmappable)."""
-        total = self.total_steps(n_train)
-        return {
-            "lr": jnp.float32(self.learning_rate),
-            "wd": jnp.float32(self.weight_decay),
-            "warmup": jnp.float32(round(self.warmup_ratio * total)),
-            "total": jnp.float32(total),
-        }
 
 
 # ------------------------------------------------------------------------------------------------ the head
@@ -130,50 +155,56 @@ def forward_fn(task: Task, head: str) -> Callable[..., tuple[Any, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def decay_mask(params: Any) -> Any:
-    """True for Linear kernels and embedding tables (decayed), False for biases and LayerNorm."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(k, "key", None) in ("kernel", "embedding") for k in path), params
+def make_optimizer(cfg: FinetuneConfig, n_train: int) -> optax.GradientTransformation:
+    """The fine-tuning optimizer of :mod:`flax_narrow.train.optimizer` (AdamW, clipping, warmup + linear decay),
+    with this run's hyperparameters injected into its state."""
+    total = cfg.total_steps(n_train)
+    return make_finetune_optimizer(
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=round(cfg.warmup_ratio * total),
+        total_steps=total,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        clip_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else None,
     )
 
 
-def adam_init(params: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Any:
-    return optax.scale_by_adam(b1, b2, eps).init(params)
+def dropout_key(seed: jax.Array, step: jax.Array) -> jax.Array:
+    """The dropout key of a step: a pure function of (seed, step), so a resumed run draws the same masks."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), _DROPOUT_STREAM)
 
 
-def learning_rate(hp: dict[str, jax.Array], step: jax.Array) -> jax.Array:
-    """Linear warmup 0 -> lr over ``hp['warmup']`` steps, then linear decay to 0 at ``hp['total']``."""
-    t = step.astype(jnp.float32)
-    warm = hp["lr"] * t / jnp.maximum(hp["warmup"], 1.0)
-    decay = hp["lr"] * jnp.maximum(hp["total"] - t, 0.0) / jnp.maximum(hp["total"] - hp["warmup"], 1.0)
-    return jnp.where(t < hp["warmup"], warm, decay)
+def make_train_step(graphdef: Any, forward: Callable, tx: optax.GradientTransformation) -> Callable:
+    """The pure step ``(state, rest, batch, seed int32[]) -> (state, metrics)`` on a :class:`TrainState`.
 
-
-def make_train_step(graphdef: Any, forward: Callable, cfg: FinetuneConfig) -> Callable:
-    """The pure step ``(params, rest, opt_state, batch, hp, step) -> (params, rest, opt_state, loss)``.
-
-    ``rest`` is the non-parameter state (dropout RNG counters); it is a jit argument and is merged with
-    ``copy=True`` inside the differentiated function (NNX: avoids a TraceContextError on RNG mutation).
-    Not jitted here: callers jit it, or ``jax.vmap`` it first (candidates).
+    Dropout is reseeded from (seed, step) (``rest``, the RNG state, is only a template); the update goes
+    through :func:`~flax_narrow.train.step.guarded_update`, the pretraining guard (skipped when the loss or
+    gradient norm is not finite). ``metrics``: loss, learning_rate, grad_norm, param_norm, update_norm,
+    finite, leaf_grad_norms. Not jitted here: :func:`finetune` AOT-compiles it with shardings, candidates
+    ``jax.vmap`` it first.
     """
-    adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
-    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
 
-    def step(params, rest, opt_state, batch, hp, step_no):
+    def step(state: TrainState, rest: Any, batch: dict[str, Any], seed: jax.Array):
+        key = dropout_key(seed, state.step)
+
         def loss_fn(p):
             model = nnx.merge(graphdef, p, rest, copy=True)
+            nnx.reseed(model, default=key)
             loss, _ = forward(model, batch, False)
-            return loss, nnx.state(model, nnx.Not(nnx.Param))
+            return loss
 
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads, _ = clip.update(grads, clip.init(params))
-        updates, opt_state = adam.update(grads, opt_state, params)
-        lr = learning_rate(hp, step_no)
-        mask = decay_mask(params)
-        params = jax.tree.map(lambda p, u, m: p - lr * (u + jnp.where(m, hp["wd"], 0.0) * p), params, updates, mask)
-        return params, new_rest, opt_state, loss
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        new_state, guard = S.guarded_update(tx, state, grads, loss)
+        return new_state, {"loss": loss, "learning_rate": current_learning_rate(state.opt_state), **guard}
 
     return step
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0, ``params`` and a fresh optimizer state (pure: jit or vmap it)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
 def make_eval_step(graphdef: Any, forward: Callable) -> Callable:
@@ -187,12 +218,59 @@ def make_eval_step(graphdef: Any, forward: Callable) -> Callable:
     return ev
 
 
+class MeshEvalStep:
+    """The eval step on a mesh: ``(params, rest, batch) -> outputs`` with the batch rows split over the batch
+    axes and the outputs replicated, so every process (one or many) reads them whole."""
+
+    def __init__(self, graphdef: Any, forward: Callable, mesh: Mesh):
+        self.mesh = mesh
+
+        def ev(params, rest, batch):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            return forward(model, batch, True)[1]
+
+        self._jit = jax.jit(ev, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, params: Any, rest: Any, batch: dict[str, Any]) -> jax.Array:
+        host = {k: np.asarray(v) for k, v in batch.items()}
+        shardings = {k: shd.batch_sharding(self.mesh, v.ndim) for k, v in host.items()}
+        return self._jit(params, rest, global_batch(host, shardings))
+
+
 def device_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: jnp.asarray(v) for k, v in batch.items() if k in tasks_lib.DEVICE_KEYS}
 
 
+def host_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The device keys of a host batch, as numpy arrays."""
+    return {k: np.asarray(v) for k, v in batch.items() if k in tasks_lib.DEVICE_KEYS}
+
+
+def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Every process holds the whole batch; each puts the rows of its own devices (works with one or many
+    processes)."""
+    return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
 def split_model(model: Any) -> tuple[Any, Any, Any]:
     return nnx.split(model, nnx.Param, nnx.Not(nnx.Param))
+
+
+def check_fits(config: Any, data: dict[str, np.ndarray], where: str) -> None:
+    """Refuse token ids or token types the model has no embedding for (they would give NaN or garbage)."""
+    checks = (("input_ids", "vocab_size", "token id"), ("token_type_ids", "type_vocab_size", "token type"))
+    for key, field, what in checks:
+        if key in data and data[key].size:
+            top, limit = int(data[key].max()), int(getattr(config, field))
+            if top >= limit:
+                raise InputError(
+                    f"{where}: {what} {top} is out of range for the model ({field}={limit})"
+                    + (
+                        "; BORT-like models have one token type: encode pairs with token_types=False"
+                        if key == "token_type_ids"
+                        else "; the tokenizer does not match the model"
+                    )
+                )
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -200,6 +278,12 @@ def evaluate(
     task: Task, eval_step: Callable, params: Any, rest: Any, data: dict[str, np.ndarray], batch_size: int, refs=None
 ) -> tuple[dict[str, float], Any]:
     """Metrics (when ``data`` has labels or ``refs`` is given) and host predictions for every row."""
+    metrics, pred, _ = _evaluate(task, eval_step, params, rest, data, batch_size, refs)
+    return metrics, pred
+
+
+def _evaluate(task, eval_step, params, rest, data, batch_size, refs=None) -> tuple[dict[str, float], Any, Any]:
+    """(metrics, predictions, raw outputs of every row)."""
     outs, preds = [], []
     for b in batches(data, batch_size):
         o = np.asarray(eval_step(params, rest, device_batch(b)))[: b["_n"]]
@@ -209,7 +293,7 @@ def evaluate(
     pred = np.concatenate(preds)
     gold = refs if refs is not None else reference_labels(task, data)
     metrics = {} if gold is None else tasks_lib.compute_metrics(task, readable(task, pred, data), gold)
-    return metrics, pred
+    return metrics, pred, np.concatenate(outs)
 
 
 def reference_labels(task: Task, data: dict[str, np.ndarray]) -> Any:
@@ -268,7 +352,38 @@ class FinetuneResult:
     history: list[dict[str, Any]]
     model: Any  # the best model (an nnx module)
     predictions: Any = None
+    test_metrics: dict[str, float] | None = None
+    final_step: int = 0
+    # Stopped by SIGINT/SIGTERM after saving a checkpoint (``resume=True`` continues); outputs not written.
+    preempted: bool = False
+    stop_signal: int | None = None
+    compile_seconds: float = 0.0
+    # Raw outputs on the test set (logits), one row per example.
+    test_outputs: Any = None
     collapsed: bool = False  # the best model's dev predictions collapsed (train/collapse.py)
+
+
+def train_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start: int = 0):
+    """Host batches in training order from step ``start`` on: each epoch a permutation drawn from one
+    ``default_rng(seed)``, full batches only (one short batch when the set is smaller than a batch). A pure
+    function of (data, batch size, seed), so a resumed run sees the batches the first run would have."""
+    rng = np.random.default_rng(seed)
+    n = len(data["input_ids"])
+    t = 0
+    while True:
+        for b in batches(data, batch_size, rng=rng, drop_last=n >= batch_size):
+            if t >= start:
+                yield b
+            t += 1
+
+
+def _ensure_mesh(mesh: Mesh | None, batch_size: int, eval_batch_size: int) -> Mesh:
+    mesh = shd.make_mesh(MeshConfig()) if mesh is None else mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if size % shards:
+            raise ConfigError(f"{name} {size} is not divisible by the mesh's data x fsdp = {shards} batch shards")
+    return mesh
 
 
 def finetune(
@@ -281,95 +396,332 @@ def finetune(
     output_dir: str | None = None,
     test: dict[str, np.ndarray] | None = None,
     dev_refs: Any = None,
+    mesh: Mesh | None = None,
+    resume: bool = False,
+    tokenizer: Any = None,
+    stop_at: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on encoded ``train``; evaluate on ``dev`` every epoch or ``cfg.eval_every`` steps.
 
-    Keeps the best model by ``task.selection_metric`` (in memory, and with ``save_pretrained`` under
-    ``output_dir/best`` when given), stops early after ``cfg.patience`` evaluations without improvement,
-    writes ``output_dir/history.jsonl`` and, with ``test``, ``output_dir/predictions.jsonl`` from the best model.
+    Runs on the pretraining machinery: the optimizer of :mod:`~flax_narrow.train.optimizer`, a
+    :class:`~flax_narrow.train.step.TrainState` sharded over ``mesh`` (default: every device on the ``data``
+    axis), the step AOT-compiled with explicit shardings and donation, the non-finite guard, the metrics
+    writer (``output_dir/metrics.jsonl`` + TensorBoard) and orbax checkpoints (``output_dir/checkpoints``,
+    written at every evaluation and on SIGINT/SIGTERM; ``resume=True`` continues bit-exactly).
+
+    Keeps the best model by ``task.selection_metric``, stops early after ``cfg.patience`` evaluations
+    without improvement. When the run finishes (and only then) writes ``output_dir/best`` (config, weights
+    and ``tokenizer`` when given), ``history.jsonl``, ``summary.json`` (with test metrics when ``test`` has
+    labels) and, with ``test``, ``predictions.jsonl`` (id, gold label when known, prediction, probabilities).
+
+    Args:
+      stop_at: stop after this step as if interrupted (a checkpoint is saved; for tests and notebooks).
     """
+    from .loop import StopSignals
+
     if cfg.head == "bort":
         bort_head_init(model, cfg.seed)
+    n = len(train["input_ids"])
+    if n == 0:
+        raise InputError("the training set is empty")
+    for where, d in (("train", train), ("dev", dev), ("test", test)):
+        if d is not None:
+            check_fits(model.config, d, where)
     forward = forward_fn(task, cfg.head)
     graphdef, params, rest = split_model(model)
-    opt_state = adam_init(params, cfg.b1, cfg.b2, cfg.eps)
-    n = len(train["input_ids"])
-    hp = cfg.hparams(n)
+    tx = make_optimizer(cfg, n)
     total = cfg.total_steps(n)
-    step_fn = jax.jit(make_train_step(graphdef, forward, cfg), donate_argnums=(0, 2))
-    eval_step = make_eval_step(graphdef, forward)
+    mesh = _ensure_mesh(mesh, cfg.batch_size, cfg.eval_batch_size)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+    state_sh = shd.tree_shardings(abstract, mesh)
+    abstract_rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
+    rest = S.rest_like(abstract_rest, shd.tree_shardings(abstract_rest, mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    ck = None
+    restored_window: list[float] = []
+    if output_dir:
+        ck_dir = os.path.join(output_dir, "checkpoints")
+        latest = _latest_step(ck_dir)
+        if latest is not None and not resume:
+            raise ConfigError(
+                f"{output_dir} already holds fine-tuning checkpoints (latest step {latest}); pass --resume "
+                "(resume=True) to continue, or choose another output directory"
+            )
+        ck = ckpt.Checkpointer(ck_dir, keep=cfg.keep_checkpoints, async_save=False)
     metric_name = task.selection_metric
-    rng = np.random.default_rng(cfg.seed)
+    best, best_step, bad, history = -math.inf, -1, 0, []
+    start = 0
+    if ck is not None and resume and ck.latest_step() is not None:
+        latest = ck.latest_step()
+        target = {"train": abstract, "best": abstract.params}
+        shardings = {"train": state_sh, "best": state_sh.params}
+        restored, meta = ck.restore(latest, ckpt.abstract_with_shardings(target, shardings), None)
+        _check_resume(meta, cfg, n, output_dir)
+        state, best_params = restored["train"], restored["best"]
+        best, best_step, bad, history = meta["best"], meta["best_step"], meta["bad"], meta["history"]
+        best = -math.inf if best is None else best
+        restored_window = list(meta.get("window_losses", []))
+        start = int(jax.device_get(state.step))
+        log.info("resumed fine-tuning from %s step %d", ck.directory, start)
+    else:
+        if resume:
+            log.info("resume: no fine-tuning checkpoint under %s yet; starting from step 0", output_dir)
+        host_params = jax.device_put(jax.tree.map(np.asarray, params), state_sh.params)
+        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_sh)(host_params)
+        best_params = None
+
+    first = next(train_batches(train, cfg.batch_size, cfg.seed))
+    sample = host_batch(first)
+    batch_sh = {k: shd.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
+    batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in sample.items()}
+    seed_arr = jnp.int32(cfg.seed)
+    compiled, compile_s, _ = S.aot_compile(
+        make_train_step(graphdef, forward, tx),
+        (ckpt.abstract_with_shardings(abstract, state_sh), rest, batch_abs, jax.ShapeDtypeStruct((), jnp.int32)),
+        in_shardings=(state_sh, shd.tree_shardings(abstract_rest, mesh), batch_sh, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+        name="fine-tuning",
+    )
+    eval_step = MeshEvalStep(graphdef, forward, mesh)
     per_epoch = max(n // cfg.batch_size, 1)
     eval_every = cfg.eval_every or per_epoch
-    best, best_step, best_params, bad, history = -math.inf, -1, None, 0, []
-    best_guard = None
-    step, t0, losses = 0, time.perf_counter(), []
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-    stop = False
-    while step < total and not stop:
-        for b in batches(train, cfg.batch_size, rng=rng, drop_last=n >= cfg.batch_size):
-            params, rest, opt_state, loss = step_fn(params, rest, opt_state, device_batch(b), hp, jnp.int32(step))
-            step += 1
-            losses.append(loss)
-            if step % eval_every == 0 or step == total:
-                metrics, dev_pred = evaluate(task, eval_step, params, rest, dev, cfg.eval_batch_size, dev_refs)
-                loss_val = float(np.mean(jax.device_get(losses)))
-                if not math.isfinite(loss_val):
-                    raise NonFiniteError(f"training loss is {loss_val} at step {step}; lower the learning rate")
-                rec = {"step": step, "epoch": step / per_epoch, "train_loss": loss_val, **metrics}
-                gold = reference_labels(task, dev) if dev_refs is None else dev_refs
-                guard = collapse.detect(task.kind, dev_pred, gold)
-                rec.update(guard.fields() if guard else {})
-                rec["time_s"] = round(time.perf_counter() - t0, 2)
-                history.append(rec)
-                losses = []
-                log.info("step %d: %s", step, json.dumps(rec))
-                score = metrics.get(metric_name, -math.inf)
-                if score > best:
-                    best, best_step, bad, best_guard = score, step, 0, guard
-                    best_params = jax.tree.map(jnp.copy, (params, rest))
-                else:
-                    bad += 1
-                    if cfg.patience and bad >= cfg.patience:
-                        log.info("early stop at step %d (best %s %.4f at %d)", step, metric_name, best, best_step)
-                        stop = True
-                        break
-            if step >= total:
-                break
+    end = total if stop_at is None else min(stop_at, total)
+    writer = MetricsWriter(output_dir, resume_step=start) if output_dir else MetricsWriter(None)
+    bar = progress_bar(total, start, cfg.progress_bar, desc="finetune")
+    names = S.leaf_names(abstract.params)
+    t0, pending = time.perf_counter(), []
+    stopped = done = False
+    stop_signal = None
+    last_eval: dict[str, Any] = history[-1] if history else {}
     if best_params is None:
-        best_params = jax.tree.map(jnp.copy, (params, rest))
-    best_model = nnx.merge(graphdef, *best_params)
-    result = FinetuneResult(best, best_step, history, best_model)
-    result.collapsed = collapse.is_failed(best_guard)
-    collapse.warn(best_guard, "fine-tuning run (its best dev evaluation)")
+        best_params = jax.tree.map(jnp.copy, state.params)
+
+    def flush() -> list[dict[str, Any]]:
+        rows = jax.device_get([m for _, m in pending])
+        out = []
+        for (step_no, _), m in zip(pending, rows):
+            leaf = np.asarray(m.pop("leaf_grad_norms"))
+            rec = {k: (bool(v) if k == "finite" else float(v)) for k, v in m.items()}
+            writer.write(step_no, rec)
+            if not rec["finite"]:
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(S.nonfinite_message(step_no, rec, leaf, names, FINETUNE_NONFINITE_HINT))
+                log.warning("step %d: non-finite loss/gradients; update skipped", step_no)
+            out.append(rec)
+        if bar is not None and out:
+            post = {"loss": f"{out[-1]['loss']:.4f}"}
+            if metric_name in last_eval:
+                post[metric_name] = f"{last_eval[metric_name]:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(len(out))
+        pending.clear()
+        return out
+
+    def save(step_no: int) -> None:
+        if ck is None:
+            return
+        meta = {
+            "step": step_no,
+            "best": None if best == -math.inf else best,
+            "best_step": best_step,
+            "bad": bad,
+            "history": history,
+            "config": _jsonable(dataclasses.asdict(cfg)),
+            "n_train": n,
+            "window_losses": window_losses,
+        }
+        ck.save(step_no, {"train": state, "best": best_params}, None, meta)
+
+    window_losses: list[float] = restored_window  # the train losses since the last evaluation
+    try:
+        with StopSignals() as signals:
+            batches_iter = train_batches(train, cfg.batch_size, cfg.seed, start)
+            step = start
+            while step < end:
+                b = next(batches_iter)
+                state, metrics = compiled(state, rest, global_batch(host_batch(b), batch_sh), seed_arr)
+                step += 1
+                pending.append((step, metrics))
+                is_eval = step % eval_every == 0 or step == total
+                if step % cfg.log_every == 0 or is_eval or step == end or signals.raised:
+                    window_losses += [r["loss"] for r in flush()]
+                if is_eval:
+                    metrics_d, dev_pred = evaluate(
+                        task, eval_step, state.params, rest, dev, cfg.eval_batch_size, dev_refs
+                    )
+                    finite = [x for x in window_losses if math.isfinite(x)]
+                    rec = {"step": step, "epoch": step / per_epoch, "train_loss": float(np.mean(finite or [np.nan]))}
+                    rec.update(metrics_d)
+                    guard = collapse.detect(
+                        task.kind, dev_pred, reference_labels(task, dev) if dev_refs is None else dev_refs
+                    )
+                    rec.update(guard.fields() if guard else {})
+                    rec["time_s"] = round(time.perf_counter() - t0, 2)
+                    history.append(rec)
+                    last_eval = rec
+                    window_losses = []
+                    writer.write(step, {k: v for k, v in rec.items() if k != "step"}, kind="eval")
+                    log.info("finetune step %d/%d: %s", step, total, _fmt(rec))
+                    score = metrics_d.get(metric_name, -math.inf)
+                    if score > best:
+                        best, best_step, bad = score, step, 0
+                        best_params = jax.tree.map(jnp.copy, state.params)
+                    else:
+                        bad += 1
+                    stop_early = bool(cfg.patience and bad >= cfg.patience)
+                    save(step)
+                    if stop_early:
+                        log.info("early stop at step %d (best %s %.4f at %d)", step, metric_name, best, best_step)
+                        done = True
+                        break
+                if signals.raised:
+                    stopped, stop_signal = True, signals.signum
+                    if not is_eval:
+                        save(step)
+                    log.warning("fine-tuning stopped at step %d (checkpoint saved; resume to continue)", step)
+                    break
+            else:
+                done = end == total
+                if not done:  # stop_at: as if interrupted
+                    stopped = True
+                    if step % eval_every and step != total:
+                        save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        if ck is not None:
+            ck.close()
+    final_step = int(jax.device_get(state.step))
+    best_model = nnx.merge(graphdef, best_params, rest)
+    result = FinetuneResult(
+        best, best_step, history, best_model, final_step=final_step, preempted=stopped and not done,
+        stop_signal=stop_signal, compile_seconds=compile_s,
+    )  # fmt: skip
+    if result.preempted:
+        return result
+    best_rec = next((h for h in history if h["step"] == best_step), {})
+    result.collapsed = bool(best_rec.get("collapsed", False))
+    if result.collapsed:
+        log.warning(
+            "fine-tuning run (its best dev evaluation) collapsed: %s "
+            "(BORT's known failure mode; see docs/finetuning.md, Agora)",
+            best_rec.get("collapse_reason"),
+        )
     if test is not None:
-        _, pred = evaluate(task, eval_step, *best_params, test, cfg.eval_batch_size, refs=None)
+        test_metrics, pred, outputs = _evaluate(task, eval_step, best_params, rest, test, cfg.eval_batch_size)
         result.predictions = readable(task, pred, test)
-    if output_dir:
-        _write_outputs(output_dir, task, result, cfg)
+        result.test_metrics = test_metrics or None
+        result.test_outputs = outputs
+    if output_dir and jax.process_index() == 0:
+        _write_outputs(output_dir, task, result, cfg, test, tokenizer)
     return result
 
 
-def _write_outputs(output_dir: str, task: Task, result: FinetuneResult, cfg: FinetuneConfig) -> None:
-    result.model.save_pretrained(os.path.join(output_dir, "best"))
+FINETUNE_NONFINITE_HINT = "Lower the learning rate (--lr), or keep gradient clipping on (max_grad_norm > 0)."
+
+
+def _fmt(rec: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _latest_step(ck_dir: str) -> int | None:
+    if not os.path.isdir(ck_dir):
+        return None
+    steps = [int(x) for x in os.listdir(ck_dir) if x.isdigit()]
+    return max(steps) if steps else None
+
+
+def _check_resume(meta: dict[str, Any], cfg: FinetuneConfig, n: int, where: str | None) -> None:
+    saved = meta.get("config", {})
+    mine = _jsonable(dataclasses.asdict(cfg))
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in mine.items()
+            if k in RESUME_FIELDS and saved.get(k) != v]  # fmt: skip
+    if meta.get("n_train") != n:
+        diff.append(f"training rows: checkpoint {meta.get('n_train')} vs now {n}")
+    if diff:
+        raise ConfigError(f"{where}: cannot resume, the run changed: " + "; ".join(diff))
+
+
+# Settings that change what a resumed run would compute.
+RESUME_FIELDS = (
+    "learning_rate", "weight_decay", "warmup_ratio", "epochs", "batch_size", "seed", "max_grad_norm", "head",
+    "eval_every",
+)  # fmt: skip
+
+
+def _write_outputs(
+    output_dir: str, task: Task, result: FinetuneResult, cfg: FinetuneConfig, test: Any, tokenizer: Any
+) -> None:
+    best_dir = os.path.join(output_dir, "best")
+    result.model.save_pretrained(best_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(best_dir)
     with open(os.path.join(output_dir, "history.jsonl"), "w", encoding="utf-8") as fh:
         for rec in result.history:
             fh.write(json.dumps(rec) + "\n")
-    summary = {"best_metric": result.best_metric, "best_step": result.best_step, "metric": task.selection_metric}
+    if result.predictions is not None:
+        _write_predictions(os.path.join(output_dir, "predictions.jsonl"), task, result, test)
+    summary: dict[str, Any] = {
+        "best_metric": result.best_metric,
+        "best_step": result.best_step,
+        "metric": task.selection_metric,
+        "final_step": result.final_step,
+    }
+    if task.kind == "classification" and task.label_names and len(task.label_names) == 2:
+        summary["positive_label"] = task.positive
+    if result.test_metrics:
+        summary["test"] = result.test_metrics
     best_rec = next((h for h in result.history if h["step"] == result.best_step), {})
     summary["collapse"] = {k: v for k, v in best_rec.items() if k in collapse.FIELD_NAMES} or None
     summary["config"] = dataclasses.asdict(cfg)
-    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as fh:
+    tmp = os.path.join(output_dir, "summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
-    if result.predictions is not None:
-        names = task.label_names
-        with open(os.path.join(output_dir, "predictions.jsonl"), "w", encoding="utf-8") as fh:
-            for i, p in enumerate(result.predictions):
-                p = p.tolist() if hasattr(p, "tolist") else p
-                if task.kind == "classification" and names:
-                    p = names[int(p)]
-                elif task.kind == "multilabel" and names:
-                    p = [names[j] for j, on in enumerate(p) if on]
-                fh.write(json.dumps({"index": i, "prediction": p}) + "\n")
+    os.replace(tmp, os.path.join(output_dir, "summary.json"))  # written last: marks a finished run
+
+
+def _write_predictions(path: str, task: Task, result: FinetuneResult, test: dict[str, Any]) -> None:
+    names = task.label_names
+    outputs = result.test_outputs
+    ids = test.get("example_ids") if test is not None else None
+    gold = reference_labels(task, test) if test is not None else None
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, p in enumerate(result.predictions):
+            rec: dict[str, Any] = {"id": _plain(ids[i]) if ids is not None else i}
+            if gold is not None:
+                rec["label"] = _label_text(task, gold[i])
+            rec["prediction"] = _label_text(task, p)
+            if outputs is not None and task.kind in ("classification", "multiple_choice"):
+                z = np.asarray(outputs[i], np.float64)
+                e = np.exp(z - z.max())
+                rec["probabilities"] = _probs(names, e / e.sum(), task)
+            elif outputs is not None and task.kind == "multilabel":
+                rec["probabilities"] = _probs(names, 1 / (1 + np.exp(-np.asarray(outputs[i], np.float64))), task)
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _probs(names: Any, p: np.ndarray, task: Task) -> Any:
+    if names and task.kind != "multiple_choice":
+        return {str(n): round(float(x), 6) for n, x in zip(names, p)}
+    return [round(float(x), 6) for x in p]
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def _label_text(task: Task, p: Any) -> Any:
+    p = p.tolist() if hasattr(p, "tolist") else p
+    names = task.label_names
+    if task.kind == "classification" and names:
+        return names[int(p)]
+    if task.kind == "multilabel" and names:
+        return [names[j] for j, on in enumerate(p) if on]
+    return p

@@ -60,31 +60,67 @@ OPTIONAL = {"text_b", "context"}
 def load_examples(
     source: str, split: str, task_kind: str, columns: dict[str, Any] | None = None, *, name: str | None = None
 ) -> list[dict[str, Any]]:
-    """Canonical examples of one split.
+    """Canonical examples of one split (see :func:`load_split`, which also gives the label order)."""
+    return load_split(source, split, task_kind, columns, name=name)[0]
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in LOCAL_TYPES
+
+
+LOCAL_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_split(
+    source: str, split: str, task_kind: str, columns: dict[str, Any] | None = None, *, name: str | None = None
+) -> tuple[list[dict[str, Any]], tuple[str, ...] | None]:
+    """(canonical examples of one split, the label names in the data set's own order or None).
+
+    The label order is the ``ClassLabel`` order when the label column has one (GLUE: MRPC's
+    ``not_equivalent, equivalent``), so label ids and the positive class of binary F1 are the data set's.
 
     Args:
       source: a local file (.csv, .tsv, .json, .jsonl, .parquet) or a ``datasets`` hub name (network needed).
       split: the split name (for a local file, ignored: the file is the split).
       task_kind: one of ``tasks.TASKS``.
       columns: canonical field -> source column (``{"text_a": "sentence"}``); for multiple choice
-        ``choices`` may be a list of columns. Unmapped fields use their canonical names.
+        ``choices`` may be a list of columns. Unmapped fields use their canonical names. An ``id`` column
+        (mapped as ``id=COL``, or named ``id`` / ``idx``) is kept as each example's ``id``.
       name: the hub dataset config (``"sst2"`` for ``nyu-mll/glue``).
+
+    Raises:
+      DataError: a missing or unreadable file, no rows, a column that is not there, an empty or NaN label.
     """
     import datasets
 
     columns = dict(columns or {})
     ext = os.path.splitext(source)[1].lower()
     if os.path.exists(source):
-        builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
+        if os.path.isdir(source):
+            raise DataError(f"{source}: is a directory; give a data file (csv, tsv, json, jsonl or parquet)")
+        builder = LOCAL_TYPES.get(ext)
         if builder is None:
             raise DataError(f"{source}: unsupported file type {ext!r} (use csv, tsv, json, jsonl or parquet)")
+        if os.path.getsize(source) == 0:
+            raise DataError(f"{source}: the file is empty")
+        if builder == "csv" and _count_lines(source, 2) < 2:
+            raise DataError(f"{source}: no rows (only a header?)")
         kw = {"delimiter": "\t"} if ext == ".tsv" else {}
-        ds = datasets.load_dataset(builder, data_files={"data": source}, split="data", **kw)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"data": source}, split="data", **kw)
+        except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types; one clear line for the user
+            raise DataError(
+                f"{source}: cannot read it as {builder} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
+    elif _looks_local(source):
+        raise DataError(f"{source}: no such file")
     else:
         try:
             ds = datasets.load_dataset(source, name, split=split)
         except Exception as e:  # noqa: BLE001 - datasets raises many types; one clear line for the user
             raise DataError(f"cannot load {source!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{source}: no rows (only a header?)")
     label_feature = None
     feats = ds.features
     rows = ds.to_list()
@@ -97,7 +133,18 @@ def load_examples(
             raise DataError(f"{source}: column {missing[0]!r} (for {field}) not found; columns: {', '.join(feats)}")
         if field == "label" and not isinstance(col, list) and col in feats:
             label_feature = feats[col]
-    for row in rows:
+    unknown = sorted(set(columns) - set(CANONICAL[task_kind]) - {"id"})
+    if unknown:
+        raise DataError(
+            f"--column {unknown[0]}=...: {unknown[0]!r} is not a field of task {task_kind!r} "
+            f"(fields: {', '.join(CANONICAL[task_kind])}, id)"
+        )
+    id_col = columns.get("id") or next((c for c in ("id", "idx") if c in feats), None)
+    if id_col is not None and id_col not in feats:
+        raise DataError(f"{source}: column {id_col!r} (for id) not found; columns: {', '.join(feats)}")
+    names = tuple(label_feature.names) if label_feature is not None and hasattr(label_feature, "names") else None
+    label_col = columns.get("label", "label")
+    for i, row in enumerate(rows):
         ex: dict[str, Any] = {}
         for field in CANONICAL[task_kind]:
             col = columns.get(field, field)
@@ -105,19 +152,59 @@ def load_examples(
                 ex[field] = [row[c] for c in col]
             elif col in row:
                 ex[field] = row[col]
-        if label_feature is not None and hasattr(label_feature, "names") and isinstance(ex.get("label"), int):
+        if id_col is not None:
+            ex["id"] = row[id_col]
+        if names is not None and isinstance(ex.get("label"), int):
             if ex["label"] < 0:  # GLUE test splits: label -1 (unlabelled)
                 ex.pop("label")
             else:
-                ex["label"] = label_feature.names[ex["label"]]
+                ex["label"] = names[ex["label"]]
+        if "label" in ex and _missing(ex["label"]) and task_kind != "multilabel":
+            raise DataError(f"{source}: row {i + 1}: empty or NaN label in column {label_col!r}")
         out.append(ex)
     log.info("loaded %d %s examples from %s", len(out), task_kind, source)
-    return out
+    return out, names
 
 
-def infer_label_names(task_kind: str, examples: Sequence[dict[str, Any]]) -> tuple[str, ...] | None:
-    """Sorted label names seen in ``examples`` (classification, multilabel, token); None for other tasks."""
+def _count_lines(path: str, limit: int) -> int:
+    """Non-blank lines of a text file, counted up to ``limit``."""
+    n = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            n += bool(line.strip())
+            if n >= limit:
+                break
+    return n
+
+
+def _missing(x: Any) -> bool:
+    if x is None:
+        return True
+    if isinstance(x, float) and np.isnan(x):
+        return True
+    return isinstance(x, str) and not x.strip()
+
+
+def holdout(examples: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a fixed part of ``examples`` (a permutation by ``seed``) for evaluation when no dev
+    set is given, so the model is never selected on its own training rows."""
+    n = len(examples)
+    cut = max(int(round(n * fraction)), 1)
+    if n - cut < 1:
+        raise DataError(f"{n} training example(s) are too few to hold out a dev part; give --dev")
+    order = np.random.default_rng(seed).permutation(n)
+    held = set(order[:cut].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def infer_label_names(
+    task_kind: str, examples: Sequence[dict[str, Any]], order: Sequence[str] | None = None
+) -> tuple[str, ...] | None:
+    """Label names of ``examples`` (classification, multilabel, token); None for other tasks. ``order`` (a
+    data set's ``ClassLabel`` names, see :func:`load_split`) wins for classification; otherwise sorted."""
     if task_kind == "classification":
+        if order is not None:
+            return tuple(str(x) for x in order)
         return tuple(sorted({str(e["label"]) for e in examples if "label" in e}))
     if task_kind == "multilabel":
         return tuple(sorted({str(x) for e in examples for x in e.get("label", [])}))
@@ -181,7 +268,12 @@ class Encoder:
             "token": self._token,
             "qa": self._qa,
         }.get(task.kind, self._sequence)
-        return fn(task, examples)
+        batch = fn(task, examples)
+        if all("id" in e for e in examples):
+            ids = np.empty(len(examples), dtype=object)
+            ids[:] = [e["id"] for e in examples]
+            batch["example_ids"] = ids
+        return batch
 
     def _sequence(self, task: Task, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         a = self._ids([str(e["text_a"]) for e in examples])

@@ -39,6 +39,24 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
 
+# A run directory: the run's config, its tokenizer (saved at the start, reused on resume) and, once finished,
+# the model as a flax-narrow checkpoint (config.json + flax_model.safetensors + tokenizer files) that
+# ``from_pretrained``, ``finetune --model``, ``export``, ``inspect`` and ``fill_mask`` read.
+PRETRAIN_CONFIG = "pretrain_config.json"
+RUN_TOKENIZER = "tokenizer"
+
+
+tokenizer_fingerprint = D.tokenizer_fingerprint
+
+
+def export_run(run_dir: str, model: Any, tokenizer: Any) -> None:
+    """Write the model and tokenizer into ``run_dir`` (process 0): the run directory becomes a checkpoint."""
+    if jax.process_index() != 0:
+        return
+    tokenizer.save_pretrained(run_dir)
+    model.save_pretrained(run_dir)  # config.json last: a directory with it is complete
+    log.info("wrote the trained model and tokenizer to %s", run_dir)
+
 
 @dataclasses.dataclass
 class PretrainResult:
@@ -61,6 +79,8 @@ class PretrainResult:
     run_dir: str | None
     checkpoint_dir: str | None
     skipped_steps: int = 0
+    # The signal that stopped the run (SIGTERM / SIGINT), or None.
+    stop_signal: int | None = None
 
     def model(self) -> BertForMaskedLM:
         """The trained model (merged from the final state)."""
@@ -107,12 +127,15 @@ def host_shard(mesh: jax.sharding.Mesh, micro_batch: int, seq_len: int, accum: i
     return D.HostShard(index=start // rows, count=micro_batch // rows, rows=rows)
 
 
-def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> Pipeline:
-    """Documents -> tokenizer -> packed rows (cached) -> this host's checkpointable iterator + eval batches."""
+def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any = None) -> Pipeline:
+    """Documents -> tokenizer -> packed rows (cached) -> this host's checkpointable iterator + eval batches.
+
+    ``tokenizer``: use this one (a resumed run's own) instead of ``data.tokenizer`` / the cached WordPiece."""
     dcfg, tcfg = cfg.data, cfg.train
     cache_dir = os.path.expanduser(dcfg.cache_dir)
     docs, eval_docs = D.load_documents(dcfg, cache_dir)
-    tokenizer = D.get_tokenizer(dcfg, docs, cache_dir)
+    if tokenizer is None:
+        tokenizer = D.get_tokenizer(dcfg, docs, cache_dir)
     check_tokenizer(cfg, tokenizer)
     accum, micro = tcfg.grad_accum_steps, tcfg.micro_batch_size
     shard = host_shard(mesh, micro, dcfg.seq_len, accum)
@@ -125,9 +148,12 @@ def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> Pipeline:
         log.info("training rows: %d of %d tokens", len(source), dcfg.seq_len)
         ds = D.train_dataset(source, seed=tcfg.seed, accum=accum, shard=shard)
     eval_sets: list[np.ndarray] = []
-    if tcfg.eval_every > 0:
+    if tcfg.eval_every > 0 or tcfg.eval_every_seconds > 0:
         if eval_docs is None:
-            raise ConfigError("train.eval_every > 0 needs an eval split: data.eval_files or data.eval_fraction > 0")
+            raise ConfigError(
+                "train.eval_every (or eval_every_seconds) > 0 needs an eval split: data.eval_files or "
+                "data.eval_fraction > 0"
+            )
         eval_src = D.PackedRows(D.packed_cached(eval_docs, tokenizer, dcfg, cache_dir, "eval"))
         eval_sets = D.eval_batches(eval_src, micro, tcfg.eval_batches, shard)
     masking = MaskingSpec.from_tokenizer(
@@ -176,8 +202,9 @@ def load_teacher(cfg: PretrainConfig, mesh: jax.sharding.Mesh) -> S.Teacher:
     return S.shard_teacher(model, mesh)
 
 
-class _SigtermFlag:
-    """Sets ``raised`` on SIGTERM while installed (single process, main thread only).
+class StopSignals:
+    """Sets ``raised`` (and ``signum``) on SIGTERM or SIGINT while installed (single process, main thread only):
+    the loop saves a checkpoint after the current step and returns, so Ctrl-C loses nothing.
 
     With several processes, SIGTERM belongs to ``jax.distributed``'s preemption notifier, which tells every
     process; they agree on a step through ``reached_preemption`` (orbax / coordination service) instead.
@@ -185,38 +212,36 @@ class _SigtermFlag:
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    def __enter__(self) -> StopSignals:
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: saving a checkpoint after the current step, then stopping")
+        log.warning("%s: saving a checkpoint after the current step, then stopping", signal.Signals(signum).name)
         self.raised = True
+        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
-def _leaf_names(tree: Any) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+_SigtermFlag = StopSignals  # the former name
+
+
+PRETRAIN_NONFINITE_HINT = (
+    "Lower train.learning_rate, set train.clip_norm, or train.on_nonfinite=skip to skip such steps."
+)
 
 
 def _nonfinite_message(step: int, rec: dict[str, Any], leaf_norms: np.ndarray, names: list[str]) -> str:
-    bad = [names[i] for i in np.flatnonzero(~np.isfinite(leaf_norms))]
-    top = sorted(
-        ((float(leaf_norms[i]), names[i]) for i in range(len(names)) if np.isfinite(leaf_norms[i])), reverse=True
-    )[:3]
-    return (
-        f"non-finite training at step {step}: loss={rec['loss']}, grad_norm={rec['grad_norm']}, "
-        f"learning_rate={rec['learning_rate']:.3g}; the update was not applied. Parameters with non-finite "
-        f"gradients: {bad[:8] or 'none'}; largest finite gradient norms: "
-        + ", ".join(f"{n}={v:.3g}" for v, n in top)
-        + ". Lower train.learning_rate, set train.clip_norm, or train.on_nonfinite=skip to skip such steps."
-    )
+    return S.nonfinite_message(step, rec, leaf_norms, names, PRETRAIN_NONFINITE_HINT)
 
 
 def pretrain(
@@ -234,13 +259,24 @@ def pretrain(
     tcfg, ccfg = cfg.train, cfg.checkpoint
     run_dir = os.path.expanduser(cfg.output_dir) if cfg.output_dir else None
     is_main = jax.process_index() == 0
-    if run_dir and is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
     log.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
-    pipe = build_pipeline(cfg, mesh)
+    run_tok = os.path.join(run_dir, RUN_TOKENIZER) if run_dir else None
+    saved_tok = None
+    if ccfg.resume and run_tok and os.path.isdir(run_tok):
+        from flax_narrow.tokenization import load_tokenizer
+
+        saved_tok = load_tokenizer(run_tok)  # the run's own tokenizer, whatever the data cache holds now
+        if cfg.data.tokenizer is not None:
+            asked = load_tokenizer(os.path.expanduser(cfg.data.tokenizer))
+            if tokenizer_fingerprint(asked) != tokenizer_fingerprint(saved_tok):
+                raise ConfigError(
+                    f"data.tokenizer {cfg.data.tokenizer!r} is not the tokenizer this run was trained with "
+                    f"({run_tok}); a resumed run keeps its tokenizer"
+                )
+        log.info("resuming with the run's tokenizer %s", run_tok)
+    pipe = build_pipeline(cfg, mesh, tokenizer=saved_tok)
+    fingerprint = tokenizer_fingerprint(pipe.tokenizer)
     tx = make_optimizer(tcfg)
     schedule = learning_rate_schedule(tcfg)
     spec = S.state_spec(cfg.model, tx, mesh, seed=tcfg.seed)
@@ -248,11 +284,28 @@ def pretrain(
     teacher = load_teacher(cfg, mesh) if cfg.kd.enabled else None
 
     ck_dir = cfg.checkpoint_dir
+    if ck_dir and not ccfg.resume and ckpt.has_checkpoints(ck_dir):
+        raise ConfigError(
+            f"{ck_dir} already holds checkpoints; pass checkpoint.resume=true (--resume) to continue, or choose "
+            "another output_dir"
+        )
+    if run_dir and is_main:  # written once the inputs are known to be good: nothing half-written before
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, PRETRAIN_CONFIG), "w", encoding="utf-8") as fh:
+            json.dump(cfg.to_dict(), fh, indent=2)
+        if saved_tok is None:
+            pipe.tokenizer.save_pretrained(run_tok)
     checkpointer = ckpt.Checkpointer(ck_dir, keep=ccfg.keep, async_save=ccfg.async_save) if ck_dir else None
     latest = checkpointer.latest_step() if checkpointer is not None else None
     if ccfg.resume and latest is not None:
         meta = checkpointer.read_meta(latest)
         _check_resume_meta(cfg, meta, ck_dir)
+        saved_fp = meta.get("tokenizer_fingerprint")
+        if saved_fp is not None and saved_fp != fingerprint:
+            raise ConfigError(
+                f"{ck_dir}: cannot resume with a different tokenizer (fingerprint {fingerprint[:12]} vs the "
+                f"run's {saved_fp[:12]}); keep data.tokenizer as it was"
+            )
         state, _ = checkpointer.restore(
             latest, ckpt.abstract_with_shardings(spec.abstract, spec.shardings), pipe.train_iter
         )
@@ -294,31 +347,35 @@ def pretrain(
     if peak is None:
         log.info("peak FLOP/s of %r unknown: MFU not reported (set train.peak_tflops)", jax.devices()[0].device_kind)
 
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, resume_step=start_step)
     bar = progress_bar(tcfg.steps, start_step, tcfg.progress_bar)
     ids_sharding = shd.batch_sharding(mesh, 3, batch_dim=1)
     eval_sharding = shd.batch_sharding(mesh, 2)
     global_shape = (accum, micro, seq_len)
     t_params = teacher.params if teacher is not None else None
     t_rest = teacher.rest if teacher is not None else None
-    names = _leaf_names(spec.abstract.params)
+    names = S.leaf_names(spec.abstract.params)
 
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     pending: list[tuple[int, dict[str, Any]]] = []
     skipped = 0
     preempted = False
+    stop_signal: int | None = None
     timed_steps, timed_seconds = 0, 0.0
     window_start, window_steps = time.perf_counter(), 0
     first_flush = True
+    train_seconds = 0.0  # wall-clock of the training steps so far (train.max_seconds, eval_every_seconds)
+    next_eval_seconds = tcfg.eval_every_seconds
 
     def flush() -> None:
-        nonlocal skipped, window_start, window_steps, timed_steps, timed_seconds, first_flush
+        nonlocal skipped, window_start, window_steps, timed_steps, timed_seconds, first_flush, train_seconds
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
         now = time.perf_counter()
         dt = now - window_start
+        train_seconds += dt
         # The first window includes the first dispatch; later windows give the steady-state throughput.
         if not first_flush:
             timed_steps += window_steps
@@ -365,16 +422,23 @@ def pretrain(
         if "kd_sum" in totals:
             rec["eval_kd_loss"] = totals["kd_sum"] / count
         rec["eval_predictions"] = totals["count"]
+        rec["train_seconds"] = train_seconds
         evals.append({"step": step_no, **rec})
         writer.write(step_no, rec, kind="eval")
         log.info("step %d eval: %s", step_no, rec)
 
     def save(step_no: int) -> None:
-        meta = {"step": step_no, "config": cfg.to_dict(), "time": time.time(), "process_count": jax.process_count()}
+        meta = {
+            "step": step_no,
+            "config": cfg.to_dict(),
+            "time": time.time(),
+            "process_count": jax.process_count(),
+            "tokenizer_fingerprint": fingerprint,
+        }
         checkpointer.save(step_no, state, pipe.train_iter, meta)
 
     try:
-        with _SigtermFlag() as sigterm:
+        with StopSignals() as sigterm:
             end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
             for step in range(start_step, end):
                 local = next(pipe.train_iter)
@@ -386,9 +450,18 @@ def pretrain(
                 last = step_no == end
                 stop = sigterm.raised or (checkpointer is not None and checkpointer.reached_preemption(step_no))
                 do_ckpt = checkpointer is not None and (step_no % ccfg.every_steps == 0 or last or stop)
-                do_eval = eval_fn is not None and (step_no % tcfg.eval_every == 0 or last)
+                every = tcfg.eval_every
+                do_eval = eval_fn is not None and ((every > 0 and step_no % every == 0) or last)
+                out_of_time = False
                 if step_no % tcfg.log_every == 0 or last or stop or do_ckpt or do_eval:
                     flush()
+                    out_of_time = tcfg.max_seconds is not None and train_seconds >= tcfg.max_seconds
+                    if eval_fn is not None and next_eval_seconds > 0 and train_seconds >= next_eval_seconds:
+                        do_eval = True
+                        while next_eval_seconds <= train_seconds:
+                            next_eval_seconds += tcfg.eval_every_seconds
+                    if out_of_time:  # the end of the run, as at the last step
+                        do_ckpt, do_eval = checkpointer is not None, eval_fn is not None
                 if do_eval:
                     evaluate(step_no)
                 if do_ckpt:
@@ -397,7 +470,11 @@ def pretrain(
                     window_start = time.perf_counter()
                 if stop:
                     preempted = True
+                    stop_signal = sigterm.signum
                     log.warning("stopping at step %d after a termination request (checkpoint saved)", step_no)
+                    break
+                if out_of_time:
+                    log.info("stopping at step %d: train.max_seconds=%s reached", step_no, tcfg.max_seconds)
                     break
             flush()
     finally:
@@ -410,6 +487,8 @@ def pretrain(
         if close is not None:
             close()
     final_step = int(jax.device_get(state.step))
+    if run_dir and final_step == tcfg.steps and not preempted:
+        export_run(run_dir, nnx.merge(spec.graphdef, state.params, rest), pipe.tokenizer)
     sps = timed_steps / timed_seconds if timed_seconds > 0 else None
     return PretrainResult(
         history=history,
@@ -429,6 +508,7 @@ def pretrain(
         run_dir=run_dir,
         checkpoint_dir=ck_dir,
         skipped_steps=skipped,
+        stop_signal=stop_signal,
     )
 
 
@@ -444,9 +524,14 @@ def restore_model(
 
     from .config import MeshConfig, config_from_dict
 
-    path = os.path.join(os.path.expanduser(run_dir), "config.json")
+    path = os.path.join(os.path.expanduser(run_dir), PRETRAIN_CONFIG)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir}: no config.json (not a pretraining run directory)")
+        legacy = os.path.join(os.path.expanduser(run_dir), "config.json")  # runs written before the rename
+        with open(legacy if os.path.isfile(legacy) else os.devnull, encoding="utf-8") as fh:
+            text = fh.read()
+        if '"train"' not in text:
+            raise CheckpointError(f"{run_dir}: no {PRETRAIN_CONFIG} (not a pretraining run directory)")
+        path = legacy
     with open(path, encoding="utf-8") as fh:
         cfg = config_from_dict(json.load(fh))
     mesh = shd.make_mesh(MeshConfig(1, 1, 1)) if mesh is None else mesh

@@ -202,6 +202,75 @@ def step_keys(seed: int, step: jax.Array, micro: jax.Array | int) -> tuple[jax.A
     return jax.random.fold_in(base, _MASK_STREAM), jax.random.fold_in(jax.random.fold_in(base, _DROPOUT_STREAM), micro)
 
 
+def guarded_update(
+    tx: optax.GradientTransformation, state: TrainState, grads: Any, loss: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update, applied only when ``loss`` and the gradient norm are finite (``step`` always
+    advances). Shared by every objective (pretraining, fine-tuning, vmapped candidates).
+
+    Returns: (new state, {grad_norm, param_norm, update_norm, finite, leaf_grad_norms f32[num_params]}); the
+    leaf norms name the parameters in :func:`nonfinite_message`.
+    """
+    leaf_norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads)])
+    grad_norm = jnp.sqrt(jnp.sum(jnp.square(leaf_norms)))
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def keep(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = TrainState(state.step + 1, keep(new_params, state.params), keep(new_opt, state.opt_state))
+    return new_state, {
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(new_state.params),
+        "update_norm": optax.tree.norm(updates),
+        "finite": finite,
+        "leaf_grad_norms": leaf_norms,
+    }
+
+
+def leaf_names(tree: Any) -> list[str]:
+    """Key paths of the leaves of ``tree`` (the order of ``leaf_grad_norms``)."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def nonfinite_message(step: int, rec: dict[str, Any], leaf_norms: np.ndarray, names: list[str], hint: str) -> str:
+    """One line: the step, loss, gradient norm, the parameters whose gradients are not finite and the largest
+    finite ones, then ``hint`` (what to change)."""
+    bad = [names[i] for i in np.flatnonzero(~np.isfinite(leaf_norms))]
+    top = sorted(
+        ((float(leaf_norms[i]), names[i]) for i in range(len(names)) if np.isfinite(leaf_norms[i])), reverse=True
+    )[:3]
+    return (
+        f"non-finite training at step {step}: loss={rec['loss']}, grad_norm={rec['grad_norm']}, "
+        f"learning_rate={rec['learning_rate']:.3g}; the update was not applied. Parameters with non-finite "
+        f"gradients: {bad[:8] or 'none'}; largest finite gradient norms: "
+        + ", ".join(f"{n}={v:.3g}" for v, n in top)
+        + f". {hint}"
+    )
+
+
+def aot_compile(
+    fn: Callable,
+    abstract_args: tuple,
+    *,
+    in_shardings: Any,
+    out_shardings: Any,
+    donate_argnums: tuple[int, ...] = (0,),
+    name: str = "train",
+) -> tuple[Any, float, dict[str, int]]:
+    """``jax.jit`` with explicit shardings and donation, lowered and compiled before use; logs the compile
+    time and XLA's memory analysis. Returns (compiled, seconds, memory)."""
+    t0 = time.perf_counter()
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+    compiled = jitted.lower(*abstract_args).compile()
+    seconds = time.perf_counter() - t0
+    memory = _memory(compiled)
+    log.info("compiled the %s step in %.1f s; memory %s", name, seconds, memory)
+    return compiled, seconds, memory
+
+
 def make_train_step(
     graphdef: Any,
     tx: optax.GradientTransformation,
@@ -261,28 +330,15 @@ def make_train_step(
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = sums["objective_sum"] / count
-        leaf_norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads)])
-        grad_norm = jnp.sqrt(jnp.sum(jnp.square(leaf_norms)))
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-        new_state = TrainState(state.step + 1, keep(new_params, state.params), keep(new_opt, state.opt_state))
+        new_state, guard = guarded_update(tx, state, grads, loss)
         metrics = {
             "loss": loss,
             "mlm_loss": sums["ce_sum"] / count,
             "accuracy": sums["correct"] / count,
             "predictions": sums["count"],
             "tokens": sums["tokens"],
-            "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm(new_state.params),
-            "update_norm": optax.tree.norm(updates),
+            **guard,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-            "finite": finite,
-            "leaf_grad_norms": leaf_norms,
         }
         if use_kd:
             metrics["kd_loss"] = sums["kd_sum"] / count

@@ -58,10 +58,26 @@ class Task:
     kind: str
     label_names: tuple[str, ...] | None = None
     metric: str | None = None
+    # Binary classification: the class F1 scores (default: the second label name, GLUE's order, where
+    # MRPC's "equivalent" and QQP's "duplicate" are label 1).
+    positive_label: str | None = None
 
     def __post_init__(self) -> None:
+        from flax_narrow.errors import ConfigError
+
         if self.kind not in TASKS:
             raise ConfigError(f"unknown task {self.kind!r}; choose one of {', '.join(TASKS)}")
+        if self.positive_label is not None and (not self.label_names or self.positive_label not in self.label_names):
+            raise ConfigError(
+                f"positive label {self.positive_label!r} is not one of the labels {list(self.label_names or ())}"
+            )
+
+    @property
+    def positive(self) -> str | None:
+        """The positive class of a binary classification task (what binary F1 scores), else None."""
+        if self.kind != "classification" or not self.label_names or len(self.label_names) != 2:
+            return None
+        return self.positive_label if self.positive_label is not None else self.label_names[1]
 
     @property
     def num_labels(self) -> int:
@@ -128,6 +144,7 @@ def forward(task: Task, model: Any, batch: dict[str, Any], *, deterministic: boo
         out = model(
             **common,
             labels=batch.get("labels"),
+            label_layout="rows",  # the Encoder gives one label per word row (B, P), never per token
             narrow_positions=batch["narrow_positions"],
             narrow_valid=batch["narrow_valid"],
         )
@@ -179,8 +196,11 @@ def compute_metrics(task: Task, preds: Any, refs: Any) -> dict[str, float]:
         preds, refs = np.asarray(preds), np.asarray(refs)
         out = {"accuracy": float(skm.accuracy_score(refs, preds))}
         if task.kind == "classification":
-            binary = task.num_labels == 2
-            out["f1"] = float(skm.f1_score(refs, preds, average="binary" if binary else "macro", zero_division=0))
+            if task.num_labels == 2:
+                pos = task.label_names.index(task.positive) if task.label_names else 1
+                out["f1"] = float(skm.f1_score(refs, preds, average="binary", pos_label=pos, zero_division=0))
+            else:
+                out["f1"] = float(skm.f1_score(refs, preds, average="macro", zero_division=0))
             out["mcc"] = float(skm.matthews_corrcoef(refs, preds))
         return out
     if task.kind == "regression":

@@ -6,6 +6,8 @@ Common call arguments (B batch, L length, P selected rows):
   token_type_ids: int32[B, L] or None; position_ids: int32[B, L] or None;
   narrow_positions: int32[B, P] ascending + narrow_valid: bool[B, P] (static P, jit-friendly), or
   narrow_mask: bool[B, L] (host-side convenience; P = the largest row count);
+  segment_ids: int32[B, L] or None: packed rows (documents numbered 1, 2, ... per row, padding 0); tokens
+    attend only within their segment and positions restart in each (``BertModel``, ``BertForMaskedLM``);
   deterministic: no dropout when True (default); rngs come from the module's ``nnx.Rngs``.
 """
 
@@ -28,6 +30,7 @@ from flax_narrow.modeling.outputs import (
     TokenClassifierOutput,
 )
 from flax_narrow.ops.gather import gather_rows
+from flax_narrow.ops.packing import segment_position_ids
 
 
 class BertModel(PreTrainedEncoder):
@@ -55,6 +58,7 @@ class BertModel(PreTrainedEncoder):
         narrow_valid=None,
         narrow_mask=None,
         cls_only: bool = False,
+        segment_ids=None,
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -64,6 +68,10 @@ class BertModel(PreTrainedEncoder):
         if attention_mask is None:
             attention_mask = input_ids != cfg.pad_token_id
         key_mask_bl = jnp.asarray(attention_mask).astype(bool)
+        if segment_ids is not None:  # packed rows: positions restart in every segment
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+            if position_ids is None:
+                position_ids = segment_position_ids(segment_ids) + cfg.position_offset
         positions, valid = resolve_narrow(
             cfg, input_ids, narrow_positions, narrow_valid, narrow_mask, cls_only=cls_only
         )
@@ -71,6 +79,7 @@ class BertModel(PreTrainedEncoder):
         kw = dict(
             deterministic=deterministic, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
+        kw["segment_ids_bl"] = segment_ids
         if cfg.is_narrow:
             hidden, states, attns = self.encoder(x, key_mask_bl, positions, **kw)
             pooled = self.pooler(hidden) if self.pooler is not None else None  # row 0 = first selected row
@@ -141,9 +150,11 @@ class BertForMaskedLM(PreTrainedEncoder):
         position_ids=None,
         *,
         labels=None,
+        label_layout=None,
         narrow_positions=None,
         narrow_valid=None,
         narrow_mask=None,
+        segment_ids=None,
         deterministic=True,
         output_hidden_states=False,
         output_attentions=False,
@@ -157,6 +168,7 @@ class BertForMaskedLM(PreTrainedEncoder):
             narrow_positions=narrow_positions,
             narrow_valid=narrow_valid,
             narrow_mask=narrow_mask,
+            segment_ids=segment_ids,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -164,7 +176,8 @@ class BertForMaskedLM(PreTrainedEncoder):
         logits = self.cls.predictions(out.last_hidden_state, self.bert.embeddings.word_embeddings)
         loss = None
         if labels is not None:
-            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
+            layout = label_layout or (None if narrow_positions is not None else "tokens")
+            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid, layout, input_ids)
         return MaskedLMOutput(logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid)
 
 
@@ -182,10 +195,25 @@ def _rows_from_labels(config, input_ids, labels, narrow_positions, narrow_mask):
     return narrow_mask
 
 
-def _row_loss(logits_bpc, labels, positions_bp, valid_bp):
-    """Cross-entropy on the computed rows; labels per row (B, P) or per token (B, L) gathered at the rows."""
-    if positions_bp is not None and labels.shape[1] != logits_bpc.shape[1]:
-        labels = jnp.take_along_axis(labels, positions_bp, axis=1)
+def _row_loss(logits_bpc, labels, positions_bp, valid_bp, layout=None, input_ids=None):
+    """Cross-entropy on the computed rows; labels per row (B, P) (``layout="rows"``) or per token (B, L)
+    (``"tokens"``, gathered at the rows). Without ``layout`` the shapes decide, and P == L (which they
+    cannot tell apart) is refused rather than guessed."""
+    from flax_narrow.errors import InputError
+
+    if layout not in (None, "rows", "tokens"):
+        raise InputError(f"label_layout must be 'rows' or 'tokens', got {layout!r}")
+    if positions_bp is not None:
+        if layout is None:
+            same = labels.shape[1] == logits_bpc.shape[1]
+            if same and input_ids is not None and labels.shape[1] == jnp.shape(input_ids)[1]:
+                raise InputError(
+                    f"labels of shape {tuple(labels.shape)} could be per row (P = {logits_bpc.shape[1]}) or per "
+                    "token (L): pass label_layout='rows' or 'tokens'"
+                )
+            layout = "rows" if same else "tokens"
+        if layout == "tokens":
+            labels = jnp.take_along_axis(labels, positions_bp, axis=1)
     return masked_cross_entropy(logits_bpc, labels, valid_bp)
 
 
@@ -289,6 +317,7 @@ class BertForTokenClassification(PreTrainedEncoder):
         position_ids=None,
         *,
         labels=None,
+        label_layout=None,
         narrow_positions=None,
         narrow_valid=None,
         narrow_mask=None,
@@ -312,7 +341,8 @@ class BertForTokenClassification(PreTrainedEncoder):
         logits = self.classifier(self.dropout(out.last_hidden_state, deterministic=deterministic))
         loss = None
         if labels is not None:
-            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid)
+            layout = label_layout or (None if narrow_positions is not None else "tokens")
+            loss = _row_loss(logits, jnp.asarray(labels), out.narrow_positions, out.narrow_valid, layout, input_ids)
         return TokenClassifierOutput(
             logits, loss, out.hidden_states, out.attentions, out.narrow_positions, out.narrow_valid
         )

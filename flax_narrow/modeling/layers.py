@@ -18,6 +18,7 @@ from flax import nnx
 from flax_narrow.config import EncoderConfig
 from flax_narrow.errors import ConfigError, InputError
 from flax_narrow.ops.gather import gather_rows
+from flax_narrow.ops.packing import segment_attention_mask
 
 
 def _init(config: EncoderConfig) -> Any:
@@ -195,14 +196,22 @@ class BertSelfAttention(nnx.Module):
         """Returns (context (B, T, H), attention probabilities (B, N, T, S) or None).
 
         Args:
-          hidden_btd: (B, T, H) query rows. key_mask_bs: bool (B, S), True for real tokens.
+          hidden_btd: (B, T, H) query rows. key_mask_bs: bool (B, S), True for real tokens, or bool (B, T, S)
+            per query row (packed rows: a token sees only its own segment).
           kv_bsd: (B, S, H) key/value source (NarrowBERT's frozen C); None for self-attention.
           kv_proj: precomputed (K, V), each (B, S, H) — the encoder's fused projection for narrow layers.
           absorbed: use the absorbed form (needs ``kv_bsd``; exact, see the class docstring).
         """
+        fused = self.config.fuse_qkv and kv_bsd is None and kv_proj is None and not absorbed
         kv_bsd = hidden_btd if kv_bsd is None else kv_bsd
-        q_btnd = self._split(self.query(hidden_btd))
-        mask_b11s = key_mask_bs[:, None, None, :]
+        if fused:
+            q_btd, k_btd, v_btd = self._fused_qkv(hidden_btd)
+            kv_proj = (k_btd, v_btd)
+        else:
+            q_btd = self.query(hidden_btd)
+        q_btnd = self._split(q_btd)
+        # (B, S) key mask, or (B, T, S) per query (packed rows: segment-aware attention)
+        mask_b11s = key_mask_bs[:, None, None, :] if key_mask_bs.ndim == 2 else key_mask_bs[:, None, :, :]
         if absorbed:
             ctx_btnd, probs = self._absorbed(q_btnd, kv_bsd, mask_b11s, deterministic)
             return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
@@ -226,6 +235,15 @@ class BertSelfAttention(nnx.Module):
             )
             probs = None
         return ctx_btnd.reshape(ctx_btnd.shape[:-2] + (-1,)), (probs if output_attentions else None)
+
+    def _fused_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(Q, K, V), each (B, T, H), from one matmul with the three kernels side by side (H, 3H)."""
+        dt = self.query.dtype or x_btd.dtype
+        projections = (self.query, self.key, self.value)
+        w_hk = jnp.concatenate([m.kernel[...] for m in projections], axis=1).astype(dt)
+        b_k = jnp.concatenate([m.bias[...] for m in projections]).astype(dt)
+        y = jnp.einsum("BTH,HK->BTK", x_btd.astype(dt), w_hk) + b_k
+        return tuple(jnp.split(y, 3, axis=-1))
 
     def _softmax(self, scores_bnts, mask_b11s, deterministic):
         scores_bnts = jnp.where(mask_b11s, scores_bnts, jnp.finfo(jnp.float32).min)
@@ -340,6 +358,7 @@ class BertEncoder(nnx.Module):
         key_mask_bl: jax.Array,
         narrow_positions_bp: jax.Array | None = None,
         *,
+        segment_ids_bl: jax.Array | None = None,
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
@@ -347,12 +366,17 @@ class BertEncoder(nnx.Module):
         """Returns (final hidden (B, L, H), or (B, P, H) when positions are given; hidden states; attentions).
 
         ``hidden_states`` holds the embeddings then each layer's output: full layers (B, L, H), narrow (B, P, H).
+        ``segment_ids_bl``: packed rows (:mod:`flax_narrow.ops.packing`): every token, and every selected row,
+        attends only to the real tokens of its own segment.
         """
         cfg = self.config
         full = cfg.num_full_layers
         layers = list(self.layer)
         kw = dict(deterministic=deterministic, output_attentions=output_attentions, collect=output_hidden_states)
-        x, states, attns = self._segment(layers[:full], hidden_bld, key_mask_bl, **kw)
+        full_mask = key_mask_bl
+        if segment_ids_bl is not None:
+            full_mask = segment_attention_mask(segment_ids_bl, segment_ids_bl) & key_mask_bl[:, None, :]
+        x, states, attns = self._segment(layers[:full], hidden_bld, full_mask, **kw)
         if narrow_positions_bp is not None:
             context_bld = x
             narrow_layers = layers[full:]
@@ -360,10 +384,14 @@ class BertEncoder(nnx.Module):
             kv = None
             if narrow_layers and not absorbed and cfg.fuse_narrow_kv and len(narrow_layers) > 1:
                 kv = fused_kv_projection(narrow_layers, context_bld)
+            narrow_mask = key_mask_bl
+            if segment_ids_bl is not None:
+                rows_seg = gather_rows(segment_ids_bl, narrow_positions_bp)
+                narrow_mask = segment_attention_mask(rows_seg, segment_ids_bl) & key_mask_bl[:, None, :]
             x, s2, a2 = self._segment(
                 narrow_layers,
                 gather_rows(context_bld, narrow_positions_bp),
-                key_mask_bl,
+                narrow_mask,
                 context_bld,
                 kv,
                 absorbed=absorbed,

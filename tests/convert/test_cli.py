@@ -369,7 +369,7 @@ def test_console_script_exit_codes(tmp_path):
     r = subprocess.run([exe, "convert", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--storage-dtype" in r.stdout
     # success with --verify on a stale-decoder checkpoint: exit 0, and nothing from transformers on stderr
-    from flax_narrow.demo import write_bort_like_checkpoint
+    from flax_narrow.convert.parity_demo import write_bort_like_checkpoint
 
     src = write_bort_like_checkpoint(str(tmp_path / "bort"), hidden=64, layers=2, vocab=200)
     r = subprocess.run([exe, "convert", src, str(tmp_path / "ok"), "--verify"], capture_output=True, text=True)

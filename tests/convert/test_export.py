@@ -154,7 +154,7 @@ def test_export_verify_and_existing_destination(tmp_path, capsys):
 
 def _bort_done_criterion(tmp_path, capsys, hidden: int, vocab: int) -> float:
     """The issue's target: fp16 .bin with a stale decoder -> convert --verify -> export -> transformers."""
-    from flax_narrow.demo import write_bort_like_checkpoint
+    from flax_narrow.convert.parity_demo import write_bort_like_checkpoint
 
     src = write_bort_like_checkpoint(str(tmp_path / "bort"), hidden=hidden, layers=4, vocab=vocab, seed=0)
     original = transformers.BertForMaskedLM.from_pretrained(src, dtype=torch.float32)

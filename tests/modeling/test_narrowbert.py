@@ -209,14 +209,19 @@ def test_absorbed_and_fused_forms_equal_the_standard_form(batch, deterministic):
     inputs, labels = batch
     pos, valid = fn.positions_from_mask(labels != -100, max_positions=4)
     outs = {}
-    for form, fuse in [("standard", False), ("standard", True), ("absorbed", False)]:
-        cfg = fn.EncoderConfig.tiny_narrowbert(narrow_attention=form, fuse_narrow_kv=fuse)
+    for form, fuse, qkv in [
+        ("standard", False, False),
+        ("standard", True, False),
+        ("absorbed", False, False),
+        ("absorbed", False, True),
+    ]:
+        cfg = fn.EncoderConfig.tiny_narrowbert(narrow_attention=form, fuse_narrow_kv=fuse, fuse_qkv=qkv)
         model = fn.NarrowBertForMaskedLM.from_config(cfg, seed=8)  # same seed: same weights, same dropout masks
         out = model(
             **inputs, narrow_positions=pos, narrow_valid=valid, deterministic=deterministic, output_attentions=True
         )
-        outs[(form, fuse)] = out
-    ref = outs[("standard", False)]
+        outs[(form, fuse, qkv)] = out
+    ref = outs[("standard", False, False)]
     for key, out in outs.items():
         np.testing.assert_allclose(out.logits, ref.logits, atol=2e-5, err_msg=str(key))
         for a, b in zip(out.attentions, ref.attentions):

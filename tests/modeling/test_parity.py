@@ -279,3 +279,35 @@ def test_small_table_lookup_has_the_gather_gradient():
     got = jax.grad(ours)(nnx.state(emb)).embedding[...]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     assert np.abs(np.asarray(want)[[2, 4, 5]]).max() == 0 and np.abs(np.asarray(got)[3]).max() > 0
+
+
+def test_fused_qkv_matches_transformers_and_the_unfused_gradients(tmp_path, padded_batch):
+    """fuse_qkv=True (one (H, 3H) matmul per layer) keeps transformers' logits and loss, the unfused gradients,
+    and the same dropout masks (same seed)."""
+    import jax
+    from flax import nnx
+
+    torch.manual_seed(11)
+    tm = transformers.BertForMaskedLM(tiny_hf_config())
+    d = save_torch_model(tm, tmp_path / "m")
+    labels = np.where(padded_batch["attention_mask"] > 0, padded_batch["input_ids"], -100)
+    ref = torch_run(tm, {**padded_batch, "labels": labels})
+    fused = fn.BertForMaskedLM.from_pretrained(d, fuse_qkv=True)
+    plain = fn.BertForMaskedLM.from_pretrained(d)
+    out = fused(**padded_batch, labels=labels)
+    assert max_diff(out.logits, ref.logits, padded_batch["attention_mask"]) <= ATOL
+    assert abs(float(out.loss) - float(ref.loss)) <= ATOL
+
+    def grads(model, deterministic):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            nnx.reseed(m, default=jax.random.key(3))
+            return m(**padded_batch, labels=labels, deterministic=deterministic).loss
+
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    for deterministic in (True, False):
+        for a, b in zip(grads(fused, deterministic), grads(plain, deterministic), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

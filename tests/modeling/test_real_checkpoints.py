@@ -39,7 +39,7 @@ def test_trained_bert_matches_transformers_on_real_sentences():
 
 @pytest.mark.slow
 def test_full_size_bort_fp16_bin_with_stale_decoder(tmp_path):
-    from flax_narrow.demo import write_bort_like_checkpoint
+    from flax_narrow.convert.parity_demo import write_bort_like_checkpoint
 
     d = write_bort_like_checkpoint(str(tmp_path / "bort"), hidden=1024, layers=4, vocab=50265, seed=0)
     cfg = fn.EncoderConfig.from_hf_config(d)

@@ -1,15 +1,28 @@
-"""The pretraining demo (``make demo``) end to end, shrunk: both runs, the table, the throughput ratio, the
-checkpoint, the HF export and its reload."""
+"""The demo (``make demo``), shrunk to seconds: both runs at equal time, the entropy line, the eval table, the
+fill-mask lines and the fine-tuning command, which must run as printed. Whether the real-size demo learns
+(losses below the entropy, NarrowBERT ahead) is measured in benchmarks/RESULTS.md, not here."""
 
+import contextlib
+import io
+import json
+import math
 import os
+import re
+import shlex
 
+import numpy as np
 import pytest
 
-from flax_narrow.demo import PRESETS, loss_table, run_demo
+from flax_narrow.errors import InputError
+from flax_narrow.train import demo
+from flax_narrow.train.demo import PRESETS, loss_table, run_demo, unigram_entropy
+
+SECONDS = 2.0
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_small(tmp_path, data_cache, capsys):
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory, data_cache):
+    out = str(tmp_path_factory.mktemp("demo"))
     overrides = [
         f"data.cache_dir={data_cache}",
         "data.max_documents=400",
@@ -20,23 +33,113 @@ def test_demo_end_to_end_small(tmp_path, data_cache, capsys):
         "model.hidden_size=32",
         "model.intermediate_size=64",
         "model.num_hidden_layers=3",
-        "train.eval_every=0",
+        "model.max_position_embeddings=64",
         "train.max_predictions=10",
-        "train.log_every=5",
+        "train.log_every=2",
+        "train.eval_batches=2",
         "mesh.data=1",
     ]
-    figures = run_demo(str(tmp_path), steps=20, overrides=overrides)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        figures = run_demo(out, seconds=SECONDS, overrides=overrides)
+    return out, figures, buf.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_prints_each_part_from_computed_values(small_demo):
+    out_dir, figures, out = small_demo
+    lines = out.splitlines()
+    assert lines[0].startswith("NarrowBERT, 2 full + 1 narrow layers: hidden 32,")
+    assert lines[1].startswith("BERT: hidden 32,")
+
+    # the entropy line: the figure computed from the eval rows, finite and below the uniform distribution's
+    m = re.search(r"Unigram entropy of the eval tokens: ([0-9.]+) nats", out)
+    assert m and float(m.group(1)) == pytest.approx(figures["entropy"], abs=5e-4)
+    assert 0 < figures["entropy"] < math.log(1024)
+
+    # the table: one row per evaluation of each run, its numbers those of the runs' evals
+    head = next(i for i, line in enumerate(lines) if line.split() == ["NarrowBERT", "BERT"])
+    assert lines[head + 1].split() == ["time", "step", "eval", "loss", "accuracy"] * 2
+    runs = [figures["runs"][n]["evals"] for n in PRESETS]
+    n_rows = max(len(e) for e in runs)
+    assert n_rows >= 1 and lines[head + 2 + n_rows] == ""
+    width = (len(lines[head + 1]) - 4) // 2  # "  " + cell + "  " + cell
+    for i in range(n_rows):
+        row = lines[head + 2 + i].ljust(2 * width + 4)
+        for j, evals in enumerate(runs):
+            cell = row[2 + j * (width + 2) : 2 + j * (width + 2) + width].split()
+            if i >= len(evals):  # the other run evaluated more often: a blank cell
+                assert cell == []
+                continue
+            e = evals[i]
+            t, step, loss, acc = cell
+            assert t == f"{e['train_seconds']:.1f}s" and int(step) == e["step"]
+            assert float(loss) == pytest.approx(e["eval_loss"], abs=5e-4)
+            assert float(acc) == pytest.approx(e["eval_accuracy"], abs=5e-4)
+            assert e["train_seconds"] >= SECONDS / demo.EVALS * (i + 1) - 1e-9  # evaluated on the clock
+    for evals in runs:
+        assert evals[-1]["train_seconds"] >= SECONDS and np.isfinite([e["eval_loss"] for e in evals]).all()
+
+    # fill-mask: per probe, each model's top 3 from fill_mask on the saved model
+    from flax_narrow.inference import fill_mask
+    from flax_narrow.modeling import BertForMaskedLM
+    from flax_narrow.tokenization import load_tokenizer
+
+    saved = figures["runs"]["demo-narrowbert"]["saved"]
+    model, tok = BertForMaskedLM.from_pretrained(saved), load_tokenizer(saved)
+    assert model.config.is_narrow
+    expected = fill_mask(model, tok, list(demo.FILL_MASK_TEXTS), top_k=3)
+    for text, preds in zip(demo.FILL_MASK_TEXTS, expected):
+        i = lines.index("  " + text)
+        want = ", ".join(f"{c['token_str']} ({c['score']:.2f})" for c in preds[0])
+        assert lines[i + 1] == f"    NarrowBERT: {want}" and lines[i + 2].startswith("    BERT:")
+
+    # the command, as printed
+    argv = figures["finetune_command"]
+    assert f"  {shlex.join(argv)}" in lines and argv[argv.index("--model") + 1] == saved
+    assert os.path.isfile(os.path.join(out_dir, "stdlib-packages", "train.jsonl"))
+    assert f"everything is under {out_dir}" in out
+
+
+@pytest.mark.slow
+def test_the_printed_finetune_command_runs(small_demo, capsys):
+    from flax_narrow.cli import main
+
+    _, figures, _ = small_demo
+    argv = figures["finetune_command"]
+    assert argv[:2] == ["flax-narrow", "finetune"]
+    assert main(argv[1:]) == 0
     out = capsys.readouterr().out
-    assert "NarrowBERT (F=2 full + 1 narrow layers)" in out and "pretraining BERT" in out
-    assert "demo-narrowbert loss" in out and "demo-bert loss" in out
-    assert "NarrowBERT/BERT = " in out and figures["throughput_ratio"] > 0
-    assert figures["flops_ratio"] > 1.0  # the narrow layers do less work per step
-    assert figures["export_reload_max_abs_diff"] == 0.0
-    for name in PRESETS:
-        assert os.path.isdir(tmp_path / name / "checkpoints" / "20")
-    assert os.path.isfile(tmp_path / "narrowbert-hf" / "config.json")
-    assert os.path.isfile(tmp_path / "narrowbert-hf" / "model.safetensors")
-    assert os.path.isfile(tmp_path / "narrowbert-flax" / "tokenizer.json")
+    assert '"best_accuracy"' in out
+    assert os.listdir(argv[argv.index("--output-dir") + 1])
+
+
+def test_unigram_entropy_of_known_counts():
+    # specials 0 and 2 are left out: tokens 5, 5, 6, 7 -> p = (1/2, 1/4, 1/4)
+    rows = [np.array([[2, 5, 5, 0]]), np.array([[2, 6, 7, 0]])]
+    assert unigram_entropy(rows, [0, 2]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+    assert unigram_entropy([np.array([9, 9, 9])], [0]) == 0.0
+    with pytest.raises(InputError, match="no non-special token"):
+        unigram_entropy([np.array([0, 2])], [0, 2])
+
+
+def test_finetune_task_is_labelled_by_package_and_split_by_text(tmp_path):
+    counts = demo.write_finetune_task(str(tmp_path), packages=("json", "http"))
+    train = [json.loads(x) for x in open(tmp_path / "train.jsonl", encoding="utf-8")]
+    dev = [json.loads(x) for x in open(tmp_path / "dev.jsonl", encoding="utf-8")]
+    assert counts == {"train": len(train), "dev": len(dev)} and len(dev) > 0
+    assert {e["label"] for e in train} == {"json", "http"}
+    assert not {e["text_a"] for e in train} & {e["text_a"] for e in dev}
+    assert all(len(e["text_a"]) >= 40 for e in train + dev)
+
+
+@pytest.mark.parametrize("argv", [["demo", "--seconds", "0"], ["demo", "--steps", "0"]])
+def test_demo_cli_refuses_bad_budgets(argv, capsys):
+    from flax_narrow.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and argv[1] in err[0]
 
 
 def test_loss_table_layout():
