@@ -175,7 +175,19 @@ def test_agora_cli_refuses_untrained_mlm_with_one_line(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mlm = BertForMaskedLM.from_config(EncoderConfig.tiny(vocab_size=len(tok)), seed=0)
     mlm_dir = mlm.save_pretrained(str(tmp_path / "mlm"))
-    argv = ["agora", "--model", "tiny", "--tokenizer", str(tok_dir), "--train", str(path), "--dev", str(path)]
+    argv = [
+        "agora",
+        "--model",
+        "tiny",
+        "--max-length",
+        "32",
+        "--tokenizer",
+        str(tok_dir),
+        "--train",
+        str(path),
+        "--dev",
+        str(path),
+    ]
     argv += ["--mlm", mlm_dir, "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
