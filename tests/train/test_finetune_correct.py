@@ -130,7 +130,9 @@ def test_agora_replay_is_the_same_fresh_and_resumed(tmp_path):
 
     def run(out, **kw):
         cfg = AgoraConfig(str(out), max_rounds=1, seed=0, finetune=ft, **kw)
-        mlm = MLMInfill(BertForMaskedLM.from_config(mcfg, seed=1), tok, max_length=16)
+        mlm = MLMInfill(
+            BertForMaskedLM.from_config(mcfg, seed=1), tok, max_length=16, allow_untrained=True
+        )  # a fresh head, on purpose
         return run_agora(task, enc, train, dev, theta, lambda s: build_model(task, mcfg, seed=s), mlm, labeller, cfg)
 
     fresh = run(tmp_path / "fresh", replay=1)

@@ -150,7 +150,9 @@ def test_agora_stops_on_sigint_between_candidate_groups_and_a_rerun_resumes(tmp_
     ft = FinetuneConfig(eval_batch_size=16, progress_bar=False)
     cfg = AgoraConfig(str(tmp_path), max_rounds=1, seed=0, finetune=ft, side_by_side=False)
     args = (TASK, enc, train, dev, theta, lambda s: build_model(TASK, mcfg, seed=s))
-    g = MLMInfill(BertForMaskedLM.from_config(mcfg, seed=1), tok, max_length=16)
+    g = MLMInfill(
+        BertForMaskedLM.from_config(mcfg, seed=1), tok, max_length=16, allow_untrained=True
+    )  # a fresh head, on purpose
     labeller = CallableLabeller(lambda e: "pos" if "good" in e["text_a"].split() else "neg")
     r = run_agora(*args, g, labeller, cfg)
     assert r.preempted and r.stop_signal == signal.SIGINT and r.rounds == [] and len(calls) == 1
