@@ -332,7 +332,7 @@ def run_agora(
     probe, heldout = split_dev(dev, cfg.probe_fraction, cfg.seed)
     probe_data, heldout_data = encoder.encode(task, probe), encoder.encode(task, heldout)
     if labeller is None:
-        labeller = PreviousBestLabeller(task, encoder, cfg.finetune.eval_batch_size)
+        labeller = PreviousBestLabeller(task, encoder, cfg.finetune.eval_batch_size, make_labeller=ClassifierLabeller)
     else:
         log.info("labeller S: accuracy %.4f on the probe part",
                  check_labeller(labeller, task, encoder, probe, min_labeller_accuracy))  # fmt: skip
@@ -382,7 +382,7 @@ def run_agora(
     if stop_signal is not None:
         return AgoraResult(None, r, math.nan, rounds, preempted=True, stop_signal=stop_signal)
     if not rounds:
-        raise ValueError("Θ is empty: nothing to train")
+        raise ConfigError("Θ is empty: nothing to train")
     best = max(rounds, key=lambda s: (not s.get("heldout_collapsed", False), s["heldout"]))
     _write_summary(cfg.out_dir, rounds, best)
     model = _load_round_model(model_factory, cfg.out_dir, best["round"])

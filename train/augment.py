@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_narrow.errors import UntrainedModelError
+from flax_narrow.errors import ConfigError, UntrainedModelError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class TokenDropout:
 
     def __post_init__(self) -> None:
         if not 0 < self.rate < 1:
-            raise ValueError(f"TokenDropout rate must be in (0, 1), got {self.rate}")
+            raise ConfigError(f"TokenDropout rate must be in (0, 1), got {self.rate}")
 
     def __call__(self, example: Example, k: int, rng: np.random.Generator) -> list[Example]:
         def drop(words: list[str]) -> list[str]:

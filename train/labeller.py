@@ -69,14 +69,17 @@ class PreviousBestLabeller:
     encoder: Any
     batch_size: int = 64
     model: Any = None
+    # (model, task, encoder, batch_size) -> a labeller; run_agora passes agora.ClassifierLabeller (this module
+    # cannot import agora, which imports it).
+    make_labeller: Any = None
     _labeller: Any = dataclasses.field(default=None, init=False, repr=False)
 
     def update(self, model: Any) -> None:
-        from .agora import ClassifierLabeller
-
         self.model = model
         if self._labeller is None:
-            self._labeller = ClassifierLabeller(model, self.task, self.encoder, self.batch_size)
+            if self.make_labeller is None:
+                raise LabellerError("PreviousBestLabeller needs make_labeller (e.g. agora.ClassifierLabeller)")
+            self._labeller = self.make_labeller(model, self.task, self.encoder, self.batch_size)
         else:
             self._labeller.model = model
 

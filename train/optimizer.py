@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from flax_narrow.errors import ConfigError
+
 from .config import TrainConfig
 
 # Parameter names (last path element) that take weight decay: Linear kernels and embedding tables.
@@ -132,7 +134,7 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
     state's leading shape, e.g. (K,) for K stacked candidates)."""
     unknown = set(values) - set(INJECTED)
     if unknown:
-        raise ValueError(f"not an injected hyperparameter: {sorted(unknown)}; injected: {INJECTED}")
+        raise ConfigError(f"not an injected hyperparameter: {sorted(unknown)}; injected: {INJECTED}")
     hp = dict(opt_state.hyperparams)
     for k, v in values.items():
         hp[k] = jnp.asarray(v, hp[k].dtype).reshape(hp[k].shape)
