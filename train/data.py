@@ -46,8 +46,15 @@ STDLIB_SKIP_DIRS = frozenset(
 # --------------------------------------------------------------------------------------------- corpus
 def stdlib_docstrings(min_chars: int = 40) -> Iterator[str]:
     """Docstrings of the modules, classes and functions of Python's standard library, in a fixed order."""
-    root = sysconfig.get_paths()["stdlib"]
-    for dirpath, dirnames, filenames in os.walk(root):
+    for doc in python_docstrings(sysconfig.get_paths()["stdlib"]):
+        if len(doc) >= min_chars:
+            yield doc
+
+
+def python_docstrings(top: str) -> Iterator[str]:
+    """Every non-empty docstring (module, class, function) of the ``.py`` files under ``top``, in a fixed order
+    (sorted walk, :data:`STDLIB_SKIP_DIRS` skipped, unparsable files skipped)."""
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
         for name in sorted(filenames):
             if not name.endswith(".py"):
@@ -60,7 +67,7 @@ def stdlib_docstrings(min_chars: int = 40) -> Iterator[str]:
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     doc = ast.get_docstring(node)
-                    if doc and len(doc) >= min_chars:
+                    if doc:
                         yield doc
 
 

@@ -16,7 +16,6 @@ command that fine-tunes the NarrowBERT on it.
 
 from __future__ import annotations
 
-import ast
 import collections
 import contextlib
 import hashlib
@@ -149,24 +148,10 @@ def _package_docstrings(root: str, package: str) -> Iterator[str]:
     """First paragraphs (>= 40 chars, whitespace collapsed) of every docstring under ``root/package``."""
     from . import data as D
 
-    top = os.path.join(root, package)
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames[:] = sorted(d for d in dirnames if d not in D.STDLIB_SKIP_DIRS)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
-                    tree = ast.parse(fh.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        para = " ".join(doc.split("\n\n")[0].split())
-                        if len(para) >= 40:
-                            yield para
+    for doc in D.python_docstrings(os.path.join(root, package)):
+        para = " ".join(doc.split("\n\n")[0].split())
+        if len(para) >= 40:
+            yield para
 
 
 def write_finetune_task(directory: str, packages: Sequence[str] = FINETUNE_PACKAGES) -> dict[str, int]:
