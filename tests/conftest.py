@@ -11,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # directory (in-process CLI tests write there otherwise).
 os.environ.setdefault("FLAX_NARROW_TEST_XDG", __import__("tempfile").mkdtemp(prefix="flax-narrow-xdg-"))
 os.environ["XDG_CACHE_HOME"] = os.environ["FLAX_NARROW_TEST_XDG"]
+# The suite runs on CPU (parity at highest precision), also where libtpu is installed for the deviceless TPU
+# compile tests: without this, every JAX process (subprocesses included) would first search for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
