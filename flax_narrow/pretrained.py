@@ -79,6 +79,18 @@ def _flat(state: nnx.State) -> dict[str, Any]:
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
+def _config_parts(cls: type, config: EncoderConfig) -> dict[str, Any]:
+    return {"config_dict": config.to_dict(), "hf_config": config.to_hf_config(), "architecture": cls.hf_architecture}
+
+
+def model_config_json(model_or_cls: Any, config: EncoderConfig | None = None) -> dict[str, Any]:
+    """The config.json that :func:`save_pretrained` writes for ``model_or_cls`` (a model, or a model class with
+    ``config``): what a step checkpoint stores so that it reads as a checkpoint."""
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    config = model_or_cls.config if config is None else config
+    return writers.config_json(**_config_parts(cls, config))
+
+
 def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool = True) -> str:
     """Write ``model`` as a flax-narrow checkpoint directory that ``from_pretrained`` reads back exactly.
 
@@ -106,14 +118,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool
     staging = tempfile.mkdtemp(prefix=".save-", dir=parent)
     try:
         out = os.path.join(staging, "checkpoint")
-        writers.write_flax_checkpoint(
-            out,
-            config_dict=config.to_dict(),
-            hf_config=config.to_hf_config(),
-            architecture=type(model).hf_architecture,
-            params=params,
-            overwrite=True,
-        )
+        writers.write_flax_checkpoint(out, **_config_parts(type(model), config), params=params, overwrite=True)
         os.makedirs(directory, exist_ok=True)
         for name in sorted(os.listdir(out), key=lambda n: n == "config.json"):  # config.json last
             os.replace(os.path.join(out, name), os.path.join(directory, name))
