@@ -98,7 +98,7 @@ def read_json_item(step_dir: str, name: str) -> dict[str, Any]:
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.join(step_dir, name)
+    path = os.path.join(os.path.abspath(step_dir), name)  # orbax wants absolute paths
     if not has_item(step_dir, name):
         raise CheckpointError(missing_item_message(step_dir, name))
     try:
@@ -206,7 +206,7 @@ def restore_params(step_dir: str) -> dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
 
-    where = os.path.join(step_dir, STATE)
+    where = os.path.join(os.path.abspath(step_dir), STATE)  # orbax wants absolute paths
     ck = ocp.PyTreeCheckpointer()
     try:
         from etils import epath

@@ -64,9 +64,10 @@ def test_unfinished_run_dir_reads_its_latest_step(run, caplog):
     assert tokenizer_fingerprint(load_tokenizer(run["dir"])) == tokenizer_fingerprint(run["tokenizer"])
 
 
-def test_a_copied_step_dir_is_self_contained(run, tmp_path):
-    copy = str(tmp_path / "elsewhere" / "my-step")
-    shutil.copytree(run["step"], copy)
+def test_a_copied_step_dir_is_self_contained(run, tmp_path, monkeypatch):
+    shutil.copytree(run["step"], tmp_path / "elsewhere" / "my-step")
+    monkeypatch.chdir(tmp_path)
+    copy = os.path.join("elsewhere", "my-step")  # a relative path, as users type it
     model = BertForMaskedLM.from_pretrained(copy)
     np.testing.assert_array_equal(_logits(model), _logits(BertForMaskedLM.from_pretrained(run["step"])))
     tok = load_tokenizer(copy)
