@@ -13,6 +13,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from train_helpers import small_overrides
 
 from flax_narrow.cli import main
@@ -133,8 +134,6 @@ def _save(directory, state, meta, **items):
 
 def test_finetune_step_checkpoint_reads_the_train_params_not_the_best(tmp_path):
     """A fine-tuning step holds {"train": TrainState, "best": params}: a step means the weights at that step."""
-    from flax import nnx
-
     from flax_narrow.pretrained import model_config_json
     from flax_narrow.train.step import TrainState
 
@@ -153,8 +152,6 @@ def test_finetune_step_checkpoint_reads_the_train_params_not_the_best(tmp_path):
 def test_a_step_without_config_or_tokenizer_is_refused_in_one_line(tmp_path, capsys):
     """Steps written before the config and tokenizer items: one line naming what is missing, exit 2; they
     still restore for resuming."""
-    from flax import nnx
-
     from flax_narrow.train.checkpoint import Checkpointer
 
     model = BertForMaskedLM.from_config(EncoderConfig.tiny(), seed=0)
@@ -182,3 +179,28 @@ def test_a_step_without_config_or_tokenizer_is_refused_in_one_line(tmp_path, cap
         np.asarray(restored["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].get_value()),
         np.asarray(params["bert"]["embeddings"]["word_embeddings"]["embedding"].get_value()),
     )
+
+
+def test_tokenizer_item_keeps_text_and_binary_files_byte_for_byte(tmp_path):
+    """Text files are stored as text, others (a sentencepiece model) base64: both come back unchanged."""
+    from flax_narrow.convert import readers_orbax
+    from flax_narrow.train.checkpoint import tokenizer_item
+
+    blob = bytes(range(256)) * 3  # not UTF-8
+    text = '{"vocab": ["[PAD]", "é", "日本"]}\n'
+
+    class Saved:
+        def save_pretrained(self, directory):
+            with open(os.path.join(directory, "spiece.model"), "wb") as fh:
+                fh.write(blob)
+            with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+                fh.write(text)
+
+    item = tokenizer_item(Saved())
+    assert set(item["files"]) == {"tokenizer_config.json"} and set(item["base64"]) == {"spiece.model"}
+    model = BertForMaskedLM.from_config(EncoderConfig.tiny(), seed=0)
+    step_dir = _save(str(tmp_path / "ck"), {"params": nnx.state(model, nnx.Param)}, {"step": 1}, tokenizer=item)
+    out = str(tmp_path / "out")
+    assert sorted(readers_orbax.write_tokenizer_files(step_dir, out)) == ["spiece.model", "tokenizer_config.json"]
+    assert open(os.path.join(out, "spiece.model"), "rb").read() == blob
+    assert open(os.path.join(out, "tokenizer_config.json"), encoding="utf-8").read() == text
