@@ -39,8 +39,12 @@ def _full_length(task, ev, params, rest, data, batch_size):
 
 @pytest.mark.parametrize(
     "kind,model_type",
-    [("classification", "narrow_bert"), ("classification", "bert"), ("regression", "bert"),
-     ("multiple_choice", "bert")],  # fmt: skip
+    [
+        ("classification", "narrow_bert"),
+        ("classification", "bert"),
+        ("regression", "bert"),
+        ("multiple_choice", "bert"),
+    ],  # fmt: skip
 )
 def test_bucketed_evaluation_gives_the_outputs_of_full_length_batches(kind, model_type):
     tok = H.tokenizer()
