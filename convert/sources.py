@@ -261,7 +261,8 @@ def open_source(
     ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT all open checkpoints here.
 
     Args:
-      path: local directory or file, or a hub id (downloaded when online).
+      path: local directory or file (a step checkpoint, or a run directory without config.json: its latest
+        step, included), or a hub id (downloaded when online).
       config: overrides the checkpoint's config.json (an EncoderConfig or a JSON path). Needed for a bare
         weights file without config.json beside it; optional for GluonNLP (inferred from the shapes).
 

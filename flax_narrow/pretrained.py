@@ -2,7 +2,8 @@
 
 Loading is the converter's one reader path: :func:`flax_narrow.convert.sources.open_source` (a local HF directory
 with ``model.safetensors``, sharded safetensors or ``pytorch_model.bin`` read with ``weights_only=True``; a
-flax-narrow directory written by ``save_pretrained`` or ``flax-narrow convert``; a GluonNLP ``bort.params``; a
+flax-narrow directory written by ``save_pretrained`` or ``flax-narrow convert``; a pretraining or fine-tuning
+step checkpoint (``RUN/checkpoints/N``, :mod:`flax_narrow.convert.readers_orbax`); a GluonNLP ``bort.params``; a
 weights file with ``config=``; or a hub id, downloaded with ``huggingface_hub`` when online), then
 :func:`flax_narrow.convert.loading.load_model`. The modeling package itself never imports the converters; its
 classmethods call here, and nothing here imports the model classes back.
@@ -53,7 +54,8 @@ def from_pretrained(
     Args:
       cls: a model class (``BertModel``, ``BertForMaskedLM``, ...).
       path_or_hub_id: checkpoint directory, weights file (with ``config=``, unless a config.json is beside it),
-        GluonNLP ``bort.params`` (config inferred from the shapes), or hub id.
+        GluonNLP ``bort.params`` (config inferred from the shapes), a run's step checkpoint
+        (``RUN/checkpoints/N``, or a run directory without config.json: its latest step), or hub id.
       config: use this config instead of the checkpoint's config.json.
       dtype / param_dtype: compute and parameter dtypes (weights are cast on load; fp16 checkpoints are
         computed in fp32 by default).
