@@ -66,6 +66,7 @@ def test_finetune_and_agora_cli(tmp_path, capsys):
     conf = tmp_path / "agora.yaml"
     conf.write_text("agora: {max_rounds: 1, points_per_mistake: 3, replay: 5, allow_untrained_mlm: true}\n")
     ag = ["agora", *common, "--mlm", mlm_dir, "--labeller", os.path.join(out, "best"), "--config", str(conf)]
+    ag += ["--epochs", "1", "--lr", "1e-4"]  # weak candidates: the probe part has mistakes to mine
     args = _parser().parse_args([*ag, "--replay", "0", "--output-dir", str(tmp_path / "agora")])
     assert args.func(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
