@@ -481,6 +481,7 @@ def finetune(
 
     ck = None
     restored_window: list[float] = []
+    step_items: dict[str, Any] = {}
     if output_dir:
         ck_dir = os.path.join(output_dir, "checkpoints")
         latest = _latest_step(ck_dir)
@@ -490,6 +491,12 @@ def finetune(
                 "(resume=True) to continue, or choose another output directory"
             )
         ck = ckpt.Checkpointer(ck_dir, keep=cfg.keep_checkpoints, async_save=False)
+        from flax_narrow.pretrained import model_config_json
+
+        # Each step checkpoint reads as a checkpoint (the train state's weights at that step, not the best).
+        step_items["model_config"] = model_config_json(model)
+        if tokenizer is not None:
+            step_items["tokenizer"] = ckpt.tokenizer_item(tokenizer)
     metric_name = task.selection_metric
     best, best_step, bad, history = -math.inf, -1, 0, []
     start = 0
@@ -573,7 +580,7 @@ def finetune(
             "n_train": n,
             "window_losses": window_losses,
         }
-        ck.save(step_no, {"train": state, "best": best_params}, None, meta)
+        ck.save(step_no, {"train": state, "best": best_params}, None, meta, **step_items)
 
     window_losses: list[float] = restored_window  # the train losses since the last evaluation
     try:
