@@ -66,6 +66,21 @@ def latest_step_dir(path: str) -> str | None:
     return None
 
 
+def finished_model_dir(path: str) -> str:
+    """``path/best`` for a finished fine-tuning output directory (``summary.json`` and ``best/config.json``, no
+    config.json of its own): the model the run chose, not its last step checkpoint (logged); else ``path``."""
+    best = os.path.join(path, "best")
+    if (
+        os.path.isdir(path)
+        and not os.path.isfile(os.path.join(path, "config.json"))
+        and os.path.isfile(os.path.join(path, "summary.json"))
+        and os.path.isfile(os.path.join(best, "config.json"))
+    ):
+        log.info("%s: a finished fine-tuning run; reading the model it chose, %s", path, best)
+        return best
+    return path
+
+
 def find_step_dir(path: str) -> str | None:
     """``path`` itself when it is a step directory; else the latest step of a run (or checkpoints) directory
     that has no ``config.json`` (a finished run's config.json + weights win), logged; else None."""

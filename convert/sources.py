@@ -205,6 +205,7 @@ def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, d
       CheckpointError: no config.json (or a step checkpoint without its model config).
       ConfigError: config.json is not valid JSON or not a valid config.
     """
+    directory = readers_orbax.finished_model_dir(directory)
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         step_dir = readers_orbax.find_step_dir(directory) if os.path.isdir(directory) else None
@@ -272,6 +273,7 @@ def open_source(
     """
     local = resolve_path(path, revision=revision, cache_dir=cache_dir)
     given = load_config_arg(config)
+    local = readers_orbax.finished_model_dir(local)
     step_dir = readers_orbax.find_step_dir(local) if os.path.isdir(local) else None
     if step_dir is not None:
         return open_step_checkpoint(step_dir, given)

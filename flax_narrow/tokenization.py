@@ -29,6 +29,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, **kwargs: Any):
 
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
+        path = readers_orbax.finished_model_dir(path)
         files = set(os.listdir(path))
         step_dir = None if files & TOKENIZER_FILE_NAMES else readers_orbax.find_step_dir(path)
         if step_dir is not None:

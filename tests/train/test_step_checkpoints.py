@@ -118,6 +118,7 @@ def test_cli_finetune_from_a_step_dir_and_its_own_step_checkpoints(run, tmp_path
     if summary["best_step"] == steps[-1]:  # then best/ holds the same weights
         best = BertForSequenceClassification.from_pretrained(os.path.join(ft, "best"))
         np.testing.assert_array_equal(_logits(model), _logits(best))
+    assert tokenizer_fingerprint(load_tokenizer(ft)) == tokenizer_fingerprint(run["tokenizer"])  # best/'s
     capsys.readouterr()
     assert main(["inspect", step_dir]) == 0
     assert "BertForSequenceClassification" in capsys.readouterr().out
@@ -147,6 +148,13 @@ def test_finetune_step_checkpoint_reads_the_train_params_not_the_best(tmp_path):
     loaded = BertForSequenceClassification.from_pretrained(step_dir, strict=True)
     np.testing.assert_array_equal(_logits(loaded), _logits(now))
     assert not np.array_equal(_logits(loaded), _logits(best))
+    # A finished fine-tuning output directory (summary.json, best/, checkpoints/) reads as best/, the model
+    # the run chose; before, it read its last step checkpoint.
+    out = tmp_path / "ft"
+    _save(str(out / "checkpoints"), state, {"step": 1}, model_config=model_config_json(now))
+    best.save_pretrained(out / "best")
+    (out / "summary.json").write_text("{}")
+    np.testing.assert_array_equal(_logits(BertForSequenceClassification.from_pretrained(out)), _logits(best))
 
 
 def test_a_step_without_config_or_tokenizer_is_refused_in_one_line(tmp_path, capsys):
