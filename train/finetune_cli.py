@@ -339,7 +339,7 @@ def run_agora_cli(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.test:
         raise ConfigError("agora does not score a test set; drop --test (use finetune --model ROUND_DIR/best --test)")
-    cfg_ft, _ = resolve_configs(args, ("finetune",))
+    cfg_ft, mesh_cfg = resolve_configs(args)
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
     if args.replay < 0:
@@ -386,6 +386,7 @@ def run_agora_cli(args: argparse.Namespace) -> int:
         side_by_side=not args.sequential,
         seed=args.seed,
         finetune=cfg_ft,
+        mesh=mesh_cfg,
     )
     result = agora.run_agora(
         task,
