@@ -264,3 +264,28 @@ def test_agora_cli_stops_with_its_message_and_a_rerun_continues(tmp_path, monkey
     assert "flax-narrow agora: stopped in round 0; run again to resume" in capsys.readouterr().err
     assert cli("part", "--resume") == 0 and len(calls) == 6
     assert _round_files(tmp_path / "part") == _round_files(tmp_path / "full")
+
+
+def test_agora_round_progress_counts_optimizer_steps_with_the_loss(tmp_path, monkeypatch):
+    from flax_narrow.train import agora_train
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial, enabled, desc):
+            self.total, self.n, self.enabled, self.desc, self.postfix = total, initial, enabled, desc, None
+
+        def set_postfix(self, post, refresh=True):
+            self.postfix = post
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(agora_train, "progress_bar", lambda *a, **kw: bars.append(Bar(*a, **kw)) or bars[-1])
+    _small_agora(str(tmp_path))(tmp_path / "run")  # progress_bar=False: the bar is asked for, disabled
+    (bar,) = bars
+    assert (bar.desc, bar.total, bar.n, bar.enabled) == ("agora round 0", 6, 6, False)  # 2 + 4 optimizer steps
+    assert float(bar.postfix["loss"]) > 0
