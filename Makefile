@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# libtpu for the deviceless TPU compile tests (tests/train/test_aot.py); in the version jax's `tpu` extra pins
+# (tests/test_packaging.py checks). Only `make test` installs it: with libtpu present, a JAX process without
+# JAX_PLATFORMS set searches for a TPU at start-up (the tests set JAX_PLATFORMS=cpu, see tests/conftest.py).
+LIBTPU := libtpu==0.0.42.1
+TPU_STAMP := $(VENV)/.libtpu
 UV_VERSION := 0.13.9
 # The folder with the torch CPU wheel (2.13.0+cpu) on this project's machines; elsewhere point WHEELS at a folder
 # holding it (e.g. `pip download torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu -d wheels`).
@@ -31,7 +36,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flax-narrow demo
 
-test: $(STAMP)
+$(TPU_STAMP): $(STAMP)
+	$(UV_PIP) --no-deps "$(LIBTPU)"
+	touch $(TPU_STAMP)
+
+test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -9,8 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The CLIs turn on JAX's persistent compilation cache under ~/.cache/flax-narrow: keep tests out of the home
 # directory (in-process CLI tests write there otherwise).
-os.environ.setdefault("FLAX_NARROW_TEST_XDG", __import__("tempfile").mkdtemp(prefix="flax-narrow-xdg-"))
+if "FLAX_NARROW_TEST_XDG" not in os.environ:  # made here (subprocesses inherit it): removed when the run ends
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FLAX_NARROW_TEST_XDG"] = tempfile.mkdtemp(prefix="flax-narrow-xdg-")
+    atexit.register(shutil.rmtree, os.environ["FLAX_NARROW_TEST_XDG"], ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = os.environ["FLAX_NARROW_TEST_XDG"]
+# The suite runs on CPU (parity at highest precision), also where libtpu is installed for the deviceless TPU
+# compile tests: without this, every JAX process (subprocesses included) would first search for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -99,3 +99,17 @@ def test_lock_pins_every_requirement_exactly():
         assert name in pins, f"{req.name} is not in requirements.lock"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} violates {text}"
     assert pins["torch"].endswith("+cpu")
+
+
+def test_makefile_libtpu_is_the_version_jax_pins():
+    # `make test` installs libtpu for the deviceless TPU compile tests; it must be a version jax[tpu] accepts.
+    import re
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    pinned = re.search(r"^LIBTPU := libtpu==(\S+)$", open(os.path.join(ROOT, "Makefile")).read(), re.M)
+    assert pinned, "Makefile: no LIBTPU := libtpu==VERSION line"
+    wanted = [Requirement(r) for r in requires("jax") or [] if r.startswith("libtpu") and 'extra == "tpu"' in r]
+    assert wanted, f"jax {version('jax')} declares no libtpu for its tpu extra"
+    assert wanted[0].specifier.contains(pinned.group(1)), f"libtpu=={pinned.group(1)} violates jax's {wanted[0]}"
