@@ -38,7 +38,6 @@ from . import collapse
 from . import sharding as shd
 from . import step as S
 from . import tasks as tasks_lib
-from .config import MeshConfig
 from .finetune_data import batches
 from .finetune_outputs import write_outputs
 from .metrics import MetricsWriter, progress_bar
@@ -419,12 +418,7 @@ def train_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start
 
 
 def _ensure_mesh(mesh: Mesh | None, batch_size: int, eval_batch_size: int) -> Mesh:
-    mesh = shd.make_mesh(MeshConfig()) if mesh is None else mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % shards:
-            raise ConfigError(f"{name} {size} is not divisible by the mesh's data x fsdp = {shards} batch shards")
-    return mesh
+    return shd.ensure_batch_mesh(mesh, batch_size=batch_size, eval_batch_size=eval_batch_size)
 
 
 def finetune(
