@@ -226,10 +226,6 @@ class FinetuneRunConfig:
                 self.data.test is None,
                 "agora does not score a test set; drop --test (use finetune --model ROUND_DIR/best --test)",
             )
-            _need(
-                self.mesh == MeshConfig() or "mesh" in {f.name for f in dataclasses.fields(AgoraConfig)},
-                f"mesh: agora does not run on a mesh yet; drop the mesh settings ({self.mesh})",
-            )
 
     @property
     def command(self) -> str:
