@@ -2,7 +2,9 @@
 the one way in for ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT.
 
 Formats: a flax-narrow directory (``flax_model.safetensors`` + config.json, whose ``flax_narrow`` block, when
-present, holds the exact config); HF BERT/RoBERTa/BORT/NarrowBERT directories or single files
+present, holds the exact config); a step checkpoint of a pretraining or fine-tuning run (``RUN/checkpoints/N``,
+orbax; :mod:`~flax_narrow.convert.readers_orbax`), or a run directory that has step checkpoints but no
+config.json yet (its latest step); HF BERT/RoBERTa/BORT/NarrowBERT directories or single files
 (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``, sharded .bin); the original GluonNLP
 ``bort.params`` (a file, or a directory holding one); a hub id (:func:`resolve_path`). Single files are
 recognised by their first bytes, not their names, so a mislabelled file gets a clear error.
@@ -13,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 from flax_narrow.config import EncoderConfig, read_json
 from flax_narrow.errors import CheckpointError, ConfigError
 
-from . import gluonnlp, readers
+from . import gluonnlp, readers, readers_orbax
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*"]
 
@@ -60,6 +64,8 @@ class OpenedSource:
     config_origin: str  # where the config came from
     architecture: str | None  # from config.json, if any
     raw_config: dict[str, Any] | None
+    step: int | None = None  # a step checkpoint's step (``path`` is then its directory)
+    _scratch: str | None = None  # a step checkpoint's tokenizer files, written out on demand
 
     @property
     def key_format(self) -> str:
@@ -75,6 +81,8 @@ class OpenedSource:
         """A human description: 'HF BERT (pytorch_model.bin, float16)', "NarrowBERT, authors' layout", ..."""
         keys = self.source.keys()
         raw = self.raw_config or {}
+        if self.kind == "flax-narrow" and self.is_step_checkpoint:
+            return "flax-narrow step checkpoint (orbax" + (f", step {self.step})" if self.step is not None else ")")
         if self.kind == "flax-narrow":
             return "flax-narrow checkpoint"
         if self.kind == "gluonnlp":
@@ -94,13 +102,28 @@ class OpenedSource:
             what += f", {len(self.files)} shards"
         return f"{family}; {what}"
 
+    @property
+    def is_step_checkpoint(self) -> bool:
+        return isinstance(self.source, readers_orbax.OrbaxParamsSource)
+
     def tokenizer_files(self) -> dict[str, str]:
-        """Tokenizer files beside the weights (name -> path), to copy along."""
+        """Tokenizer files beside the weights (name -> path), to copy along; a step checkpoint's are written
+        out of its ``tokenizer`` item into a scratch directory (removed by :meth:`close`), none if it has none."""
+        if self.is_step_checkpoint:
+            if not readers_orbax.has_item(self.path, readers_orbax.TOKENIZER):
+                return {}
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="flax-narrow-tokenizer-")
+                readers_orbax.write_tokenizer_files(self.path, self._scratch)
+            return {n: os.path.join(self._scratch, n) for n in sorted(os.listdir(self._scratch))}
         d = self.directory
         return {n: os.path.join(d, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))}
 
     def close(self) -> None:
         self.source.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def _is_bort_shaped(cfg: EncoderConfig) -> bool:
@@ -176,15 +199,25 @@ def read_checkpoint_config(directory: str) -> tuple[EncoderConfig, str | None, d
     """(config, architecture or None, raw config.json) of a checkpoint directory.
 
     A ``flax_narrow`` block (written by ``convert`` and ``save_pretrained``) wins over the HF fields beside it.
+    A step checkpoint (or a run directory without config.json: its latest step) gives its ``model_config``.
 
     Raises:
-      CheckpointError: no config.json.
+      CheckpointError: no config.json (or a step checkpoint without its model config).
       ConfigError: config.json is not valid JSON or not a valid config.
     """
+    directory = readers_orbax.finished_model_dir(directory)
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
+        step_dir = readers_orbax.find_step_dir(directory) if os.path.isdir(directory) else None
+        if step_dir is not None:
+            where = os.path.join(step_dir, readers_orbax.MODEL_CONFIG)
+            return parse_checkpoint_config(readers_orbax.read_json_item(step_dir, readers_orbax.MODEL_CONFIG), where)
         raise CheckpointError(f"{directory}: no config.json (pass config=EncoderConfig(...) to load bare weights)")
-    raw = read_json(path, what="config file")
+    return parse_checkpoint_config(read_json(path, what="config file"), path)
+
+
+def parse_checkpoint_config(raw: dict[str, Any], path: str) -> tuple[EncoderConfig, str | None, dict[str, Any]]:
+    """(config, architecture or None, raw) of a config.json's content; ``path`` names it in errors."""
     if "flax_narrow" in raw:
         return (*flax_narrow_block(raw, path), raw)
     archs = raw.get("architectures") or [None]
@@ -229,7 +262,8 @@ def open_source(
     ``from_pretrained``, ``convert``, ``export``, ``inspect`` and the PyTorch NarrowBERT all open checkpoints here.
 
     Args:
-      path: local directory or file, or a hub id (downloaded when online).
+      path: local directory or file (a step checkpoint, or a run directory without config.json: its latest
+        step, included), or a hub id (downloaded when online).
       config: overrides the checkpoint's config.json (an EncoderConfig or a JSON path). Needed for a bare
         weights file without config.json beside it; optional for GluonNLP (inferred from the shapes).
 
@@ -239,6 +273,10 @@ def open_source(
     """
     local = resolve_path(path, revision=revision, cache_dir=cache_dir)
     given = load_config_arg(config)
+    local = readers_orbax.finished_model_dir(local)
+    step_dir = readers_orbax.find_step_dir(local) if os.path.isdir(local) else None
+    if step_dir is not None:
+        return open_step_checkpoint(step_dir, given)
     if os.path.isdir(local):
         params = sorted(f for f in os.listdir(local) if f.endswith(".params"))
         try:
@@ -287,3 +325,24 @@ def open_source(
             f"{local}: no config.json beside the weights; pass --config path/to/config.json (or config=...)"
         )
     return OpenedSource(local, kind, files, source, cfg, origin, arch, raw)
+
+
+def open_step_checkpoint(step_dir: str, config: EncoderConfig | None = None) -> OpenedSource:
+    """A step checkpoint opened as a flax-narrow checkpoint: the train state's parameters at that step (for a
+    fine-tuning run, those of its ``train`` state) and the config of its ``model_config`` item (or ``config``).
+
+    Raises:
+      CheckpointError: not readable, or no ``model_config`` item and no ``config`` given.
+      ConfigError: an invalid stored config.
+    """
+    cfg, origin, arch, raw = config, "--config", None, None
+    if readers_orbax.has_item(step_dir, readers_orbax.MODEL_CONFIG) or config is None:
+        where = os.path.join(step_dir, readers_orbax.MODEL_CONFIG)
+        stored, arch, raw = parse_checkpoint_config(
+            readers_orbax.read_json_item(step_dir, readers_orbax.MODEL_CONFIG), where
+        )
+        if cfg is None:
+            cfg, origin = stored, f"the step checkpoint's {readers_orbax.MODEL_CONFIG} item"
+    source = readers_orbax.OrbaxParamsSource(step_dir)
+    step = readers_orbax.step_number(step_dir)
+    return OpenedSource(step_dir, "flax-narrow", [], source, cfg, origin, arch, raw, step=step)

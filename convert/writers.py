@@ -63,6 +63,14 @@ def write_json(path: str, obj: Any) -> None:
         fh.write("\n")
 
 
+def config_json(config_dict: dict[str, Any], hf_config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The config.json of a flax-narrow checkpoint: HF-readable fields plus the exact ``flax_narrow`` block."""
+    cfg = dict(hf_config)
+    cfg["architectures"] = [architecture]
+    cfg["flax_narrow"] = {"format_version": FORMAT_VERSION, "architecture": architecture, "config": config_dict}
+    return cfg
+
+
 def write_flax_checkpoint(
     destination: str | os.PathLike,
     *,
@@ -81,10 +89,7 @@ def write_flax_checkpoint(
     from safetensors.numpy import save_file
 
     with atomic_directory(destination, overwrite=overwrite) as tmp:
-        cfg = dict(hf_config)
-        cfg["architectures"] = [architecture]
-        cfg["flax_narrow"] = {"format_version": FORMAT_VERSION, "architecture": architecture, "config": config_dict}
-        write_json(os.path.join(tmp, "config.json"), cfg)
+        write_json(os.path.join(tmp, "config.json"), config_json(config_dict, hf_config, architecture))
         save_file(
             {k: np.ascontiguousarray(v) for k, v in params.items()},
             os.path.join(tmp, "flax_model.safetensors"),

@@ -2,7 +2,8 @@
 
 Loading is the converter's one reader path: :func:`flax_narrow.convert.sources.open_source` (a local HF directory
 with ``model.safetensors``, sharded safetensors or ``pytorch_model.bin`` read with ``weights_only=True``; a
-flax-narrow directory written by ``save_pretrained`` or ``flax-narrow convert``; a GluonNLP ``bort.params``; a
+flax-narrow directory written by ``save_pretrained`` or ``flax-narrow convert``; a pretraining or fine-tuning
+step checkpoint (``RUN/checkpoints/N``, :mod:`flax_narrow.convert.readers_orbax`); a GluonNLP ``bort.params``; a
 weights file with ``config=``; or a hub id, downloaded with ``huggingface_hub`` when online), then
 :func:`flax_narrow.convert.loading.load_model`. The modeling package itself never imports the converters; its
 classmethods call here, and nothing here imports the model classes back.
@@ -53,7 +54,8 @@ def from_pretrained(
     Args:
       cls: a model class (``BertModel``, ``BertForMaskedLM``, ...).
       path_or_hub_id: checkpoint directory, weights file (with ``config=``, unless a config.json is beside it),
-        GluonNLP ``bort.params`` (config inferred from the shapes), or hub id.
+        GluonNLP ``bort.params`` (config inferred from the shapes), a run's step checkpoint
+        (``RUN/checkpoints/N``, or a run directory without config.json: its latest step), or hub id.
       config: use this config instead of the checkpoint's config.json.
       dtype / param_dtype: compute and parameter dtypes (weights are cast on load; fp16 checkpoints are
         computed in fp32 by default).
@@ -77,6 +79,18 @@ def from_pretrained(
 
 def _flat(state: nnx.State) -> dict[str, Any]:
     return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def _config_parts(cls: type, config: EncoderConfig) -> dict[str, Any]:
+    return {"config_dict": config.to_dict(), "hf_config": config.to_hf_config(), "architecture": cls.hf_architecture}
+
+
+def model_config_json(model_or_cls: Any, config: EncoderConfig | None = None) -> dict[str, Any]:
+    """The config.json that :func:`save_pretrained` writes for ``model_or_cls`` (a model, or a model class with
+    ``config``): what a step checkpoint stores so that it reads as a checkpoint."""
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    config = model_or_cls.config if config is None else config
+    return writers.config_json(**_config_parts(cls, config))
 
 
 def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool = True) -> str:
@@ -106,14 +120,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, *, overwrite: bool
     staging = tempfile.mkdtemp(prefix=".save-", dir=parent)
     try:
         out = os.path.join(staging, "checkpoint")
-        writers.write_flax_checkpoint(
-            out,
-            config_dict=config.to_dict(),
-            hf_config=config.to_hf_config(),
-            architecture=type(model).hf_architecture,
-            params=params,
-            overwrite=True,
-        )
+        writers.write_flax_checkpoint(out, **_config_parts(type(model), config), params=params, overwrite=True)
         os.makedirs(directory, exist_ok=True)
         for name in sorted(os.listdir(out), key=lambda n: n == "config.json"):  # config.json last
             os.replace(os.path.join(out, name), os.path.join(directory, name))

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
+from flax_narrow.convert import readers_orbax
 from flax_narrow.errors import CheckpointError
+
+TOKENIZER_FILE_NAMES = {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json"}
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike, **kwargs: Any):
     """A transformers *fast* tokenizer from a local directory or a hub id (network needed for hub ids).
 
     BORT's hub copy declares ``RobertaTokenizer``; it is loaded as ``RobertaTokenizerFast``. A directory with
-    only ``vocab.txt`` (WordPiece) or ``vocab.json`` + ``merges.txt`` (byte-level BPE) works too.
+    only ``vocab.txt`` (WordPiece) or ``vocab.json`` + ``merges.txt`` (byte-level BPE) works too, and so does a
+    step checkpoint of a run (``RUN/checkpoints/N``: its ``tokenizer`` item), or a run directory without a
+    finished model (its latest step).
 
     Raises:
       CheckpointError: no tokenizer files there, or the hub could not be reached.
@@ -23,7 +29,15 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, **kwargs: Any):
 
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
+        path = readers_orbax.finished_model_dir(path)
         files = set(os.listdir(path))
+        step_dir = None if files & TOKENIZER_FILE_NAMES else readers_orbax.find_step_dir(path)
+        if step_dir is not None:
+            with tempfile.TemporaryDirectory(prefix="flax-narrow-tokenizer-") as tmp:
+                readers_orbax.write_tokenizer_files(step_dir, tmp)
+                tok = load_tokenizer(tmp, **kwargs)  # read into memory before tmp goes
+            tok.name_or_path = path
+            return tok
         if "tokenizer.json" not in files and "tokenizer_config.json" not in files:
             if "vocab.txt" in files:
                 # transformers 5: vocab= (a dict) builds the tokenizer; vocab_file= would silently not.

@@ -10,9 +10,15 @@ Round r, while Θ is not empty:
 After Θ has one member left (or ``max_rounds``), ``replay`` more rounds re-train the survivors on the grown D.
 The final model is the round best with the highest score on the *held-out* part of E, which mining never sees.
 
+Candidates train on the fine-tuning machinery (:mod:`candidates`: the one step builder, guard and AOT compile)
+on a ``data x fsdp`` device mesh (``AgoraConfig.mesh``, default every device on ``data``); they are scored on
+the same mesh.
+
 Each round writes ``round_XXX/state.json`` (Θ left, scores, what was added), ``round_XXX/added.jsonl`` and the
 round's best model (``round_XXX/best``); a run restarted with the same ``out_dir`` resumes after the last
-finished round. ``log.jsonl`` holds one line per round, ``summary.md`` a table.
+finished round. SIGINT/SIGTERM during a round's training save a checkpoint at the current step
+(:mod:`agora_train`, ``round_XXX/checkpoint``) and the rerun continues the round from there, ending as an
+uninterrupted run would. ``log.jsonl`` holds one line per round, ``summary.md`` a table.
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ from flax import nnx
 
 from flax_narrow.errors import ConfigError
 
-from . import augment, collapse
-from . import candidates as cand_lib
+from . import agora_train, augment, collapse
+from . import sharding as shd
 from .candidates import Candidate
-from .finetune import FinetuneConfig, evaluate, forward_fn, make_eval_step, split_model
+from .config import MeshConfig
+from .finetune import FinetuneConfig, MeshEvalStep, evaluate, forward_fn, make_eval_step, split_model
 from .finetune_data import Encoder
 from .labeller import MIN_ACCURACY, PreviousBestLabeller, check_labeller, probe_accuracy
-from .metrics import progress_bar
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -276,6 +282,9 @@ class AgoraConfig:
     side_by_side: bool = True
     seed: int = 0
     finetune: FinetuneConfig = FinetuneConfig()
+    # The device mesh candidates train and are scored on (data x fsdp; default every device on data). Every
+    # candidate's batch_size and finetune.eval_batch_size must divide over data x fsdp.
+    mesh: MeshConfig = MeshConfig()
 
 
 @dataclasses.dataclass
@@ -284,7 +293,8 @@ class AgoraResult:
     round: int
     heldout: float
     rounds: list[dict[str, Any]]
-    # Stopped by SIGINT/SIGTERM: the finished rounds are on disk, a rerun with the same out_dir resumes.
+    # Stopped by SIGINT/SIGTERM: the finished rounds and a checkpoint of the round in progress (``round``) are on
+    # disk; a rerun with the same out_dir resumes at that round's current step.
     preempted: bool = False
     stop_signal: int | None = None
 
@@ -329,6 +339,9 @@ def run_agora(
     """
     if task.kind not in ("classification", "regression"):
         raise ConfigError(f"Agora mines mistakes of sequence classification/regression, not {task.kind!r}")
+    mesh = shd.make_mesh(cfg.mesh)
+    sizes = {f"candidate {c.name}: batch_size": c.batch_size for c in theta}
+    shd.ensure_batch_mesh(mesh, **sizes, eval_batch_size=cfg.finetune.eval_batch_size)
     probe, heldout = split_dev(dev, cfg.probe_fraction, cfg.seed)
     probe_data, heldout_data = encoder.encode(task, probe), encoder.encode(task, heldout)
     if labeller is None:
@@ -363,15 +376,19 @@ def run_agora(
             replay = not remaining or r >= max_rounds
             if replay and replays_done >= cfg.replay:
                 break
+            if signals.raised:  # between rounds: the finished ones are on disk
+                stop_signal = signals.signum or 15
+                log.warning("agora stopped before round %d; a rerun starts it", r)
+                break
             # Replay re-trains the survivors: what pruning left, or, once Θ is empty, the last round's Θ.
             # A function of the finished rounds only, so a fresh run and a resumed one replay the same Θ.
             this_theta = survivors(rounds, remaining, theta) if replay else remaining
             state = _round(task, encoder, list(train) + added, probe, probe_data, heldout_data, this_theta,
                            model_factory, transform, labeller, prune, cfg, r, replay, added, signals,
-                           min_labeller_accuracy)  # fmt: skip
-            if state is None:  # SIGINT / SIGTERM: the round was not finished; a rerun redoes it
+                           min_labeller_accuracy, mesh)  # fmt: skip
+            if state is None:  # SIGINT / SIGTERM: a checkpoint at the current step is saved; a rerun continues
                 stop_signal = signals.signum or 15
-                log.warning("agora stopped in round %d; finished rounds are kept, a rerun resumes at round %d", r, r)
+                log.warning("agora stopped in round %d; a rerun continues it from the saved step", r)
                 break
             rounds.append(state)
             if replay:
@@ -390,28 +407,20 @@ def run_agora(
 
 
 def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory, transform, labeller, prune, cfg,
-           r, replay, added, signals=None, min_acc=MIN_ACCURACY) -> dict[str, Any] | None:  # fmt: skip
+           r, replay, added, signals, min_acc, mesh) -> dict[str, Any] | None:  # fmt: skip
     t0 = time.perf_counter()
     data = encoder.encode(task, train)
-    models: list[Any] = []
-    groups = cand_lib.groups(theta)
-    bar = progress_bar(len(theta), 0, cfg.finetune.progress_bar, desc=f"agora round {r}")
-    for group in groups:
-        if signals is not None and signals.raised:
-            if bar is not None:
-                bar.close()
-            return None
-        trainer = cand_lib.train_side_by_side if cfg.side_by_side else cand_lib.train_sequential
-        models += trainer(factory, task, data, group, cfg.finetune)
-        if bar is not None:
-            bar.update(len(group))
-    if bar is not None:
-        bar.close()
-    order = [c for g in cand_lib.groups(theta) for c in g]
+    rdir = _round_dir(cfg.out_dir, r)
+    models = agora_train.train_round(factory, task, data, theta, cfg.finetune, mesh, side_by_side=cfg.side_by_side,
+                                     round_dir=rdir, should_stop=lambda: signals.raised,
+                                     desc=f"agora round {r}")  # fmt: skip
+    if models is None:
+        return None
+    order = [c for u in agora_train.units(theta, cfg.side_by_side) for c in u]
     metric = task.selection_metric
     scores, preds, guards = [], [], []
     graphdef = split_model(models[0])[0]
-    ev = make_eval_step(graphdef, forward_fn(task, "standard"))
+    ev = MeshEvalStep(graphdef, forward_fn(task, "standard"), mesh)
     for m in models:
         _, params, rest = split_model(m)
         met, pred = evaluate(task, ev, params, rest, probe_data, cfg.finetune.eval_batch_size)
@@ -425,7 +434,6 @@ def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory
     held, held_pred = evaluate(task, ev, params, rest, heldout_data, cfg.finetune.eval_batch_size)
     held_guard = collapse.detect(task.kind, held_pred, heldout_data["labels"])
     collapse.warn(held_guard, f"agora round {r} best candidate {best_c.name} (held-out part)")
-    rdir = _round_dir(cfg.out_dir, r)
     models[bi].save_pretrained(os.path.join(rdir, "best"))
     # Mistakes of the best model on the probe part -> g -> S -> D.
     mistakes = _mistakes(task, probe, probe_data, preds[bi])[: cfg.max_mistakes]
@@ -473,6 +481,7 @@ def _round(task, encoder, train, probe, probe_data, heldout_data, theta, factory
     }
     with open(_state_path(cfg.out_dir, r), "w", encoding="utf-8") as fh:
         json.dump(state, fh, indent=2)
+    agora_train.remove_checkpoint(rdir)
     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(state) + "\n")
     log.info("agora round %d: best %s probe %.4f held-out %.4f, +%d points, pruned %d", r, best_c.name,

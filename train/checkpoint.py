@@ -1,6 +1,11 @@
 """Orbax behind one small interface: one directory per step holding the train state, each process's
 data-iterator state and JSON metadata; asynchronous saves; keep the newest N.
 
+A step may also hold the model config (the config.json ``save_pretrained`` writes) and the tokenizer's files
+(``model_config`` and ``tokenizer`` items): then the step directory alone is a checkpoint that
+``from_pretrained``, ``finetune --model``, ``export``, ``inspect`` and ``load_tokenizer`` read
+(:mod:`flax_narrow.convert.readers_orbax`). Steps written without them still resume.
+
 Restores go against abstract targets that carry the shardings to restore into, so a checkpoint is read
 straight onto its shards (and may be restored onto a different mesh).
 """
@@ -15,6 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from flax_narrow.convert.readers_orbax import MODEL_CONFIG, TOKENIZER, tokenizer_item  # noqa: F401
 from flax_narrow.errors import CheckpointError
 
 from .sharding import abstract_with_shardings  # noqa: F401  (its old home; restore targets use it)
@@ -43,6 +49,8 @@ class Checkpointer:
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA: grain.checkpoint.CheckpointHandler(),
                 META: ocp.JsonCheckpointHandler(),
+                MODEL_CONFIG: ocp.JsonCheckpointHandler(),
+                TOKENIZER: ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -52,11 +60,30 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, iterator: Any | None, meta: dict[str, Any]) -> bool:
-        """Start saving (asynchronously when enabled); the iterator state is taken now."""
+    def save(
+        self,
+        step: int,
+        state: Any,
+        iterator: Any | None,
+        meta: dict[str, Any],
+        *,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+    ) -> bool:
+        """Start saving (asynchronously when enabled); the iterator state is taken now.
+
+        Args:
+          model_config: the model's config.json (:func:`flax_narrow.pretrained.model_config_json`), so that the
+            step is a checkpoint every command reads.
+          tokenizer: the tokenizer's files (:func:`tokenizer_item` of the tokenizer).
+        """
         items: dict[str, Any] = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
         if iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(iterator)
+        if model_config is not None:
+            items[MODEL_CONFIG] = ocp.args.JsonSave(model_config)
+        if tokenizer is not None:
+            items[TOKENIZER] = ocp.args.JsonSave(tokenizer)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         log.info("checkpoint %d %s under %s", step, "started" if saved else "skipped", self.directory)
         return saved

@@ -1,7 +1,8 @@
 """``flax-narrow pretrain``: a thin entry point over :func:`flax_narrow.train.loop.pretrain`.
 
-The config is a preset, then an optional JSON/YAML file, then ``--set section.field=value`` overrides, then
-the convenience flags (``--steps``, ``--output-dir``, ``--resume``, ``--peak-tflops``).
+The config is a preset, then an optional JSON/YAML file, then the convenience flags given (``--steps``,
+``--output-dir``, ``--resume``, ``--init-from``, ``--peak-tflops``), then ``--set section.field=value``
+overrides: the order of every command (finetune and agora too).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def resolve_config(args: argparse.Namespace):
     """The PretrainConfig from the parsed arguments."""
     from .config import load_config
 
-    overrides = list(args.overrides)
+    overrides = []  # the flags given, then --set: the same order as finetune and agora
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     if args.steps is not None:
@@ -108,6 +109,7 @@ def resolve_config(args: argparse.Namespace):
         overrides.append(f"checkpoint.init_from={args.init_from}")
     if args.peak_tflops is not None:
         overrides.append(f"train.peak_tflops={args.peak_tflops}")
+    overrides += args.overrides
     return load_config(args.preset, args.config, overrides)
 
 

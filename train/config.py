@@ -21,7 +21,7 @@ import json
 import os
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flax_narrow.config import EncoderConfig
@@ -317,8 +317,16 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def jsonable(value: Any) -> Any:
+    """``value`` (a dataclass's ``asdict``) with tuples as lists, at any depth: what ``json.dump`` writes."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+_jsonable = jsonable
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -463,12 +471,30 @@ PRESETS: dict[str, Callable[[], PretrainConfig]] = {
 }
 
 
+def canonical_name(name: str, choices: Iterable[str]) -> str | None:
+    """The entry of ``choices`` that ``name`` spells, or None: case, ``-`` and ``_`` do not matter
+    (``tiny_bert`` is ``tiny-bert``), and where that finds nothing neither do the separators (``SST-2`` is
+    ``sst2``). Every command spells its preset names this way (pretrain presets, ``finetune --model`` presets,
+    ``--glue``); error messages list them with hyphens."""
+    key = str(name).strip().lower().replace("_", "-")
+    spelled = {c.lower().replace("_", "-"): c for c in choices}
+    if key in spelled:
+        return spelled[key]
+    bare = {k.replace("-", ""): c for k, c in spelled.items()}
+    return bare.get(key.replace("-", ""))
+
+
+def hyphenated(names: Iterable[str]) -> list[str]:
+    """``names`` in the one spelling of error messages (hyphens), sorted."""
+    return sorted(n.replace("_", "-") for n in names)
+
+
 def preset(name: str) -> PretrainConfig:
-    """A named preset (see :data:`PRESETS`)."""
-    name = name.replace("_", "-")  # one spelling for every command: tiny_bert and tiny-bert
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]().replace(preset=name)
+    """A named preset (see :data:`PRESETS`; ``tiny_bert`` and ``tiny-bert`` are the same)."""
+    key = canonical_name(name, PRESETS)
+    if key is None:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {hyphenated(PRESETS)}")
+    return PRESETS[key]().replace(preset=key)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -531,22 +557,42 @@ def apply_updates(cfg: PretrainConfig, updates: dict[str, Any], *, where: str = 
 def update_section(current: Any, values: dict[str, Any], section: str, where: str) -> Any:
     """``current`` (a config dataclass) with ``values`` coerced to its field types; an unknown field is refused
     with the valid ones listed. Shared by every command's config (pretrain, finetune, agora)."""
-    types_ = _field_types(type(current))
+    return dataclasses.replace(current, **section_values(type(current), values, section, where))
+
+
+def section_values(cls: type, values: Mapping[str, Any], section: str, where: str) -> dict[str, Any]:
+    """``values`` coerced to the field types of the config dataclass ``cls``; an unknown field is refused with
+    the valid ones listed (``WHERE: SECTION has no field(s) [...]; fields are [...]``)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: section {section!r} must be a mapping, got {type(values).__name__}")
+    types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ConfigError(f"{where}: {section} has no field(s) {unknown}; fields are {sorted(types_)}")
-    coerced = {k: coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
-    return dataclasses.replace(current, **coerced)
+    return {k: coerce(v, types_[k], f"{section}.{k}") for k, v in values.items()}
 
 
-def parse_overrides(overrides: Sequence[str], sections: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``["finetune.learning_rate=1e-4", ...]`` -> {section: {field: value}}, sections checked."""
-    nested: dict[str, dict[str, str]] = {}
+def check_sections(data: Mapping[str, Any], sections: Iterable[str], top_level: Iterable[str], where: str) -> None:
+    """Refuse a key of a config file (or of ``--set``) that is neither a section nor a top-level field."""
+    sections, top_level = sorted(sections), sorted(top_level)
+    unknown = sorted(set(data) - set(sections) - set(top_level))
+    if unknown:
+        extra = f" (top-level fields: {', '.join(top_level)})" if top_level else ""
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; sections are {sections}{extra}")
+
+
+def parse_overrides(overrides: Sequence[str], sections: Sequence[str], top_level: Sequence[str] = ()) -> dict[str, Any]:
+    """``["finetune.learning_rate=1e-4", "output_dir=runs/x"]`` -> {section: {field: value}, top: value}, the
+    sections checked (``top_level`` names the fields set without a section)."""
+    nested: dict[str, Any] = {}
     for text in overrides:
         if "=" not in text:
             raise ConfigError(f"override {text!r} is not of the form section.key=value")
         key, value = text.split("=", 1)
         parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] in top_level:
+            nested[parts[0]] = value
+            continue
         if len(parts) != 2 or parts[0] not in sections:
             raise ConfigError(f"override key {key!r} must be <section>.<field> with section in {sorted(sections)}")
         nested.setdefault(parts[0], {})[parts[1]] = value
@@ -579,7 +625,8 @@ def load_config(
 
 def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
     """Inverse of :meth:`PretrainConfig.to_dict` (used to read a run's saved config)."""
-    base = preset(d["preset"]) if d.get("preset") in PRESETS else PretrainConfig()
+    known = canonical_name(d["preset"], PRESETS) if d.get("preset") else None
+    base = preset(known) if known else PretrainConfig()
     rest = {k: v for k, v in d.items() if k not in ("model", "preset")}
     cfg = apply_updates(base, rest, where="saved config")
     return cfg.replace(model=EncoderConfig.from_dict(d["model"]), preset=d.get("preset"))
@@ -608,6 +655,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: cannot be null")
+    if origin is dict:
+        return _coerce_mapping(value, args[1] if len(args) == 2 else Any, name)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v]
@@ -647,3 +696,26 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def _coerce_mapping(value: Any, inner: Any, name: str) -> dict[str, Any]:
+    """A mapping from a file's mapping, or from a ``--set`` string: a YAML flow mapping (``{text_a: s, label: y}``)
+    or ``key=value`` items separated by commas (``text_a=s,label=y``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: not a mapping: {value!r}") from None
+        else:
+            items = [x.strip() for x in text.split(",") if x.strip()]
+            bad = [x for x in items if "=" not in x or not x.partition("=")[0].strip()]
+            if bad:
+                raise ConfigError(f"{name}: expected key=value items or a {{key: value}} mapping, got {bad[0]!r}")
+            value = {k.strip(): v.strip() for k, v in (x.split("=", 1) for x in items)}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    return {str(k): coerce(v, inner, f"{name}.{k}") for k, v in value.items()}

@@ -38,7 +38,6 @@ from . import collapse
 from . import sharding as shd
 from . import step as S
 from . import tasks as tasks_lib
-from .config import MeshConfig
 from .finetune_data import batches
 from .finetune_outputs import write_outputs
 from .metrics import MetricsWriter, progress_bar
@@ -282,15 +281,56 @@ def evaluate(
     return metrics, pred
 
 
+# Task kinds whose outputs do not depend on the padded length: their evaluation runs in length buckets.
+BUCKETED_KINDS = ("classification", "regression", "multilabel", "multiple_choice")
+# The arrays with a token axis (the last axis) in those kinds' data.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def eval_batches(task: Task, data: dict[str, np.ndarray], batch_size: int) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The evaluation batches of ``data``: (batch with ``_n`` real rows, int64[_n] row indices into ``data``).
+
+    Sequence-level tasks (:data:`BUCKETED_KINDS`) are sorted by length into a few static lengths
+    (:func:`flax_narrow.bucketing.plan_batches`: 16, 32, ... up to the padded length), so short texts are not
+    computed at full length; the attention mask hides the padding either way, so the outputs are those of the
+    full-length batches (within float rounding). Token-level and QA tasks keep the padded length.
+    """
+    from flax_narrow.bucketing import plan_batches
+
+    n = len(data["input_ids"])
+    full = data["input_ids"].shape[-1]
+    if task.kind not in BUCKETED_KINDS or "attention_mask" not in data or n == 0:
+        out, start = [], 0
+        for b in batches(data, batch_size):
+            out.append((b, np.arange(start, start + b["_n"])))
+            start += b["_n"]
+        return out
+    mask = np.asarray(data["attention_mask"])
+    lengths = mask.reshape(n, -1, full).sum(-1).max(-1)  # multiple choice: the longest choice
+    plan = plan_batches(np.maximum(lengths, 1), batch_size, full, last="full")
+    out = []
+    for p in plan:
+        b = {k: v[p.indices] for k, v in data.items()}
+        for k in _TOKEN_KEYS:
+            if k in b:
+                b[k] = b[k][..., : p.length]
+        b["_n"] = p.real
+        out.append((b, p.indices[: p.real]))
+    return out
+
+
 def _evaluate(task, eval_step, params, rest, data, batch_size, refs=None) -> tuple[dict[str, float], Any, Any]:
-    """(metrics, predictions, raw outputs of every row)."""
-    outs, preds = [], []
-    for b in batches(data, batch_size):
+    """(metrics, predictions, raw outputs of every row), rows in the order of ``data``."""
+    outs, preds, where = [], [], []
+    for b, idx in eval_batches(task, data, batch_size):
         o = np.asarray(eval_step(params, rest, device_batch(b)))[: b["_n"]]
         outs.append(o)
         host = {k: v[: b["_n"]] for k, v in b.items() if k != "_n"}
         preds.append(tasks_lib.predictions(task, o, host))
-    pred = np.concatenate(preds)
+        where.append(idx)
+    order = np.argsort(np.concatenate(where), kind="stable")
+    outs = [np.concatenate(outs)[order]]
+    pred = np.concatenate(preds)[order]
     gold = refs if refs is not None else reference_labels(task, data)
     metrics = {} if gold is None else tasks_lib.compute_metrics(task, readable(task, pred, data), gold)
     return metrics, pred, np.concatenate(outs)
@@ -378,12 +418,7 @@ def train_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start
 
 
 def _ensure_mesh(mesh: Mesh | None, batch_size: int, eval_batch_size: int) -> Mesh:
-    mesh = shd.make_mesh(MeshConfig()) if mesh is None else mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if size % shards:
-            raise ConfigError(f"{name} {size} is not divisible by the mesh's data x fsdp = {shards} batch shards")
-    return mesh
+    return shd.ensure_batch_mesh(mesh, batch_size=batch_size, eval_batch_size=eval_batch_size)
 
 
 def finetune(
@@ -440,6 +475,7 @@ def finetune(
 
     ck = None
     restored_window: list[float] = []
+    step_items: dict[str, Any] = {}
     if output_dir:
         ck_dir = os.path.join(output_dir, "checkpoints")
         latest = _latest_step(ck_dir)
@@ -449,6 +485,12 @@ def finetune(
                 "(resume=True) to continue, or choose another output directory"
             )
         ck = ckpt.Checkpointer(ck_dir, keep=cfg.keep_checkpoints, async_save=False)
+        from flax_narrow.pretrained import model_config_json
+
+        # Each step checkpoint reads as a checkpoint (the train state's weights at that step, not the best).
+        step_items["model_config"] = model_config_json(model)
+        if tokenizer is not None:
+            step_items["tokenizer"] = ckpt.tokenizer_item(tokenizer)
     metric_name = task.selection_metric
     best, best_step, bad, history = -math.inf, -1, 0, []
     start = 0
@@ -532,7 +574,7 @@ def finetune(
             "n_train": n,
             "window_losses": window_losses,
         }
-        ck.save(step_no, {"train": state, "best": best_params}, None, meta)
+        ck.save(step_no, {"train": state, "best": best_params}, None, meta, **step_items)
 
     window_losses: list[float] = restored_window  # the train losses since the last evaluation
     try:

@@ -39,8 +39,9 @@ from .optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger(__name__)
 
-# A run directory: the run's config, its tokenizer (saved at the start, reused on resume) and, once finished,
-# the model as a flax-narrow checkpoint (config.json + flax_model.safetensors + tokenizer files) that
+# A run directory: the run's config, its tokenizer (saved at the start, reused on resume), its step checkpoints
+# (each with the model config and tokenizer too, so each one is a checkpoint every command reads) and, once
+# finished, the model as a flax-narrow checkpoint (config.json + flax_model.safetensors + tokenizer files) that
 # ``from_pretrained``, ``finetune --model``, ``export``, ``inspect`` and ``fill_mask`` read.
 PRETRAIN_CONFIG = "pretrain_config.json"
 RUN_TOKENIZER = "tokenizer"
@@ -296,6 +297,14 @@ def pretrain(
         if saved_tok is None:
             pipe.tokenizer.save_pretrained(run_tok)
     checkpointer = ckpt.Checkpointer(ck_dir, keep=ccfg.keep, async_save=ccfg.async_save) if ck_dir else None
+    step_items: dict[str, Any] = {}  # what makes each step checkpoint readable on its own
+    if checkpointer is not None:
+        from flax_narrow.pretrained import model_config_json
+
+        step_items = {
+            "model_config": model_config_json(BertForMaskedLM, cfg.model),
+            "tokenizer": ckpt.tokenizer_item(pipe.tokenizer),
+        }
     latest = checkpointer.latest_step() if checkpointer is not None else None
     if ccfg.resume and latest is not None:
         meta = checkpointer.read_meta(latest)
@@ -435,7 +444,7 @@ def pretrain(
             "process_count": jax.process_count(),
             "tokenizer_fingerprint": fingerprint,
         }
-        checkpointer.save(step_no, state, pipe.train_iter, meta)
+        checkpointer.save(step_no, state, pipe.train_iter, meta, **step_items)
 
     try:
         with StopSignals() as sigterm:

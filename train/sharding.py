@@ -178,3 +178,24 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves of ``tree`` carrying ``shardings``: the abstract state an AOT lowering
     and an orbax restore take."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def stacked_shardings(shardings: Any) -> Any:
+    """The shardings of a tree stacked on a new leading axis (K vmapped candidates): that axis unsharded, every
+    other dimension as in ``shardings`` (a tree of ``NamedSharding`` s, Variables kept)."""
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings)
+
+
+def ensure_batch_mesh(mesh: Mesh | None, **batch_sizes: int) -> Mesh:
+    """``mesh`` (default: every device on ``data``), checked: each named batch size (rows, all hosts) is
+    divisible by its data x fsdp batch shards.
+
+    Raises:
+      ConfigError: naming the batch size and the shard count.
+    """
+    mesh = make_mesh(MeshConfig()) if mesh is None else mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, size in batch_sizes.items():
+        if size % shards:
+            raise ConfigError(f"{name} {size} is not divisible by the mesh's data x fsdp = {shards} batch shards")
+    return mesh

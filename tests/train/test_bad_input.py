@@ -20,7 +20,7 @@ FINETUNE = [
     ("epochs-0", ["--epochs", "0"], r"epochs must be > 0, got 0.0$"),
     ("negative-lr", ["--lr", "-0.001"], r"learning rate must be > 0, got -0.001$"),
     ("max-length-over", ["--max-length", "4096"], r"--max-length 4096 exceeds the model's 64 positions \(tiny\)$"),
-    ("max-length-tiny", ["--max-length", "4"], r"--max-length must be >= 8, got 4$"),
+    ("max-length-tiny", ["--max-length", "4"], r"data.max_length \(--max-length\): must be >= 8, got 4$"),
     ("nan-label", ["--train", "{d}/nan.csv"], r"{d}/nan.csv: row 2: empty or NaN label in column 'y'$"),
     ("empty-label", ["--train", "{d}/blank.jsonl"], r"{d}/blank.jsonl: row 3: empty or NaN label in column 'y'$"),
     (
@@ -31,7 +31,11 @@ FINETUNE = [
     ("field-typo", ["--column", "labl=y"], r"--column labl=\.\.\.: 'labl' is not a field of task 'classification'"),
     ("column-no-equals", ["--column", "text_a"], r"--column 'text_a': expected FIELD=COLUMN"),
     ("unknown-glue", ["--glue", "mrcp"], r"unknown preset 'mrcp'; choose one of boolq, cb, cola, mnli, mrpc"),
-    ("unknown-model-preset", ["--model", "tinyy"], r"--model 'tinyy': not a directory, and not a preset; presets: "),
+    (
+        "unknown-model-preset",
+        ["--model", "tinyy"],
+        r"--model 'tinyy': not a directory, and not a preset; presets: bert-base, bert-large, bort, .*, tiny-bort,",
+    ),
     ("missing-model", ["--model", "{d}/nope"], r"{d}/nope: no such file or directory$"),
     ("not-a-checkpoint", ["--model", "{d}/tok"], r"{d}/tok: no config.json"),
     ("missing-tokenizer", ["--tokenizer", "{d}/nope"], r"{d}/nope: no such directory$"),
@@ -47,7 +51,11 @@ FINETUNE = [
     ),
     ("dev-label-unseen", ["--dev", "{d}/dev_other.jsonl"], r"dev labels \['meh'\] never occur in the training data"),
     ("unsupported-type", ["--train", "{d}/train.txt"], r"{d}/train.txt: unsupported file type '.txt'"),
-    ("holdout-fraction", ["--holdout-fraction", "1.5"], r"--holdout-fraction must be in \(0, 1\), got 1.5$"),
+    (
+        "holdout-fraction",
+        ["--holdout-fraction", "1.5"],
+        r"data.holdout_fraction \(--holdout-fraction\): must be in \(0, 1\), got 1.5$",
+    ),
     ("output-is-file", ["--output-dir", "{d}/train.jsonl"], r"--output-dir {d}/train.jsonl: is a file$"),
     ("finished-output", ["--output-dir", "{d}/finished"], r"--output-dir {d}/finished holds a finished run"),
     (
@@ -57,9 +65,51 @@ FINETUNE = [
     ),
     (
         "finetune-set-section",
-        ["--set", "model.hidden_size=8"],
-        r"override key 'model.hidden_size' must be <section>.<field> with section in \['finetune', 'mesh'\]$",
+        ["--set", "train.steps=8"],
+        r"override key 'train.steps' must be <section>.<field> with section in \['data', 'finetune', 'mesh', "
+        r"'model'\]$",
     ),
+    *[
+        (
+            f"finetune-set-{section}-typo",
+            ["--set", f"{section}.bogus=1"],
+            rf"--set: {section} has no field\(s\) "
+            rf"\['bogus'\]; fields are \[{first!r}, ",
+        )  # fmt: skip
+        for section, first in (("model", "name_or_path"), ("data", "columns"), ("mesh", "data"))
+    ],
+    *[
+        (
+            f"finetune-config-{section}-typo",
+            ["--config", f"{{d}}/typo_{section}.yaml"],
+            rf"{{d}}/typo_{section}.yaml: {section} has no field\(s\) \['bogus'\]; fields are \[{first!r}, ",
+        )  # fmt: skip
+        for section, first in (("model", "name_or_path"), ("data", "columns"), ("finetune", "b1"), ("mesh", "data"))
+    ],
+    (
+        "finetune-agora-section",
+        ["--set", "agora.max_rounds=2"],
+        r"override key 'agora.max_rounds' must be <section>.<field> with section in \['data', 'finetune', 'mesh', "
+        r"'model'\]$",
+    ),
+    (
+        "finetune-config-value",
+        ["--config", "{d}/pair_format.yaml"],
+        r"data.pair_format \(--pair-format\): 'triple' is not one of \('single_sep', 'double_sep'\)$",
+    ),
+    ("finetune-config-type", ["--set", "finetune.epochs=many"], r"finetune.epochs: expected a number, got 'many'$"),
+    (
+        "finetune-set-columns",
+        ["--set", "data.columns=text_a"],
+        r"data.columns: expected key=value items or a \{key: value\} mapping, got 'text_a'$",
+    ),
+    (
+        "no-model",
+        ["--model", None],
+        r"give --model \(model.name_or_path\): a checkpoint directory, a hub id or a preset$",
+    ),
+    ("no-output-dir", ["--output-dir", None], r"give --output-dir \(output_dir\)$"),
+    ("no-train", ["--train", None], r"give --train \(a file or hub name\) or --glue"),
     ("finetune-config-section", ["--config", "{d}/ft.json"], r"{d}/ft.json: unknown section\(s\) \['train'\]"),
     (
         "mesh-batch",
@@ -78,7 +128,24 @@ AGORA = [
     ("labeller-without-head", ["--labeller", "{d}/mlm"], r"{d}/mlm: cannot load into BertForSequenceClassification: "),
     ("theta-missing", ["--theta", "{d}/theta.json"], r"--theta {d}/theta.json: not 'bort' or 'small', and cannot read"),
     ("theta-field", ["--theta", "{d}/theta_bad.json"], r"candidate 0: unknown field\(s\) \['lr'\]"),
-    ("rounds-0", ["--rounds", "0"], r"--rounds must be >= 1, got 0$"),
+    ("rounds-0", ["--rounds", "0"], r"agora.max_rounds \(--rounds\): must be >= 1, got 0$"),
+    ("replay-negative", ["--replay", "-1"], r"agora.replay \(--replay\): must be >= 0, got -1$"),
+    (
+        "points-per-mistake-0",
+        ["--config", "{d}/agora_ppm.yaml"],
+        r"agora.points_per_mistake \(--points-per-mistake\): must be >= 1, got 0$",
+    ),
+    (
+        "agora-set-typo",
+        ["--set", "agora.rounds=2"],
+        r"--set: agora has no field\(s\) \['rounds'\]; fields are \['allow_untrained_mlm', 'g', 'labeller', ",
+    ),
+    (
+        "agora-config-typo",
+        ["--config", "{d}/typo_agora.yaml"],
+        r"{d}/typo_agora.yaml: agora has no field\(s\) \['bogus'\]; fields are \['allow_untrained_mlm', ",
+    ),
+    ("agora-g-mlm", ["--mlm", None], r"--g mlm needs --mlm \(an MLM checkpoint dir\); or use --g dropout"),
 ]
 PRETRAIN = [
     ("unknown-preset", ["--preset", "tinyy"], r"unknown preset 'tinyy'; choose one of \["),
@@ -121,6 +188,10 @@ def d(tmp_path_factory) -> str:
     (root / "finished" / "summary.json").write_text("{}")
     (root / "theta_bad.json").write_text(json.dumps([{"lr": 1e-3}]))
     (root / "ft.json").write_text(json.dumps({"train": {"steps": 3}}))
+    for section in ("model", "data", "finetune", "mesh", "agora"):
+        (root / f"typo_{section}.yaml").write_text(f"{section}: {{bogus: 1}}\n")
+    (root / "pair_format.yaml").write_text("data: {pair_format: triple}\n")
+    (root / "agora_ppm.yaml").write_text("agora: {points_per_mistake: 0}\n")
     cfg = EncoderConfig.tiny(vocab_size=len(tok))
     BertForMaskedLM.from_config(cfg, seed=0).save_pretrained(root / "mlm")
     two = cfg.replace(num_labels=2, problem_type="single_label_classification")
@@ -134,7 +205,7 @@ def d(tmp_path_factory) -> str:
 
 
 def _argv(command: str, extra: list[str], d: str) -> list[str]:
-    extra = [x.replace("{d}", d) for x in extra]
+    extra = [x if x is None else x.replace("{d}", d) for x in extra]
     if command == "pretrain":
         return ["pretrain", "--output-dir", f"{d}/out-pretrain", "--set", f"data.cache_dir={d}/cache", *extra]
     flags = {
@@ -156,7 +227,8 @@ def _argv(command: str, extra: list[str], d: str) -> list[str]:
             flags[k] = v
     out = [command]
     for k, v in flags.items():
-        out += [k, v]
+        if v is not None:  # None: the flag left out
+            out += [k, v]
     for c in [*columns.values(), *asked]:
         out += ["--column", c]
     return out

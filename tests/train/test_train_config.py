@@ -99,3 +99,46 @@ def test_derived_values():
     cfg = C.load_config("tiny", None, ["output_dir=/tmp/run"])
     assert cfg.checkpoint_dir == "/tmp/run/checkpoints"
     assert C.load_config("tiny").checkpoint_dir is None
+
+
+def test_preset_names_take_hyphens_or_underscores_everywhere():
+    """One spelling for every command: pretrain presets, GLUE presets; listings use hyphens."""
+    assert C.canonical_name("tiny_bert", C.PRESETS) == C.canonical_name("Tiny-Bert", C.PRESETS) == "tiny-bert"
+    assert C.canonical_name("SST-2", ["sst2", "stsb"]) == C.canonical_name("sst_2", ["sst2"]) == "sst2"
+    assert C.canonical_name("tiny_bort", ["tiny_bort", "tiny"]) == "tiny_bort"
+    assert C.canonical_name("nope", C.PRESETS) is None
+    assert C.load_config("demo_narrowbert").preset == "demo-narrowbert"
+    saved = C.preset("tiny-bert").to_dict()
+    assert C.config_from_dict({**saved, "preset": "tiny_bert"}).train == C.preset("tiny-bert").train
+    with pytest.raises(ConfigError, match=r"unknown preset 'tiny_bortt'; choose one of \['bert-base', "):
+        C.preset("tiny_bortt")
+
+
+def test_pretrain_flags_then_set(tmp_path):
+    """pretrain's order is finetune's: preset, file, the flags given, then --set (a --set wins over a flag)."""
+    import argparse
+
+    from flax_narrow.train import cli
+
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers(dest="command"))
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {steps: 7, log_every: 3}\n")
+    cfg = cli.resolve_config(p.parse_args(["pretrain", "--config", str(path), "--steps", "5"]))
+    assert (cfg.train.steps, cfg.train.log_every) == (5, 3)  # the flag wins over the file
+    cfg = cli.resolve_config(p.parse_args(["pretrain", "--steps", "5", "--set", "train.steps=9"]))
+    assert cfg.train.steps == 9
+
+
+def test_mappings_and_top_level_overrides():
+    assert C.coerce("{text_a: s, label: y}", dict[str, str], "data.columns") == {"text_a": "s", "label": "y"}
+    assert C.coerce("text_a=s, label=y", dict[str, str], "data.columns") == {"text_a": "s", "label": "y"}
+    assert C.coerce({"n": "3"}, dict[str, int], "x") == {"n": 3}
+    with pytest.raises(ConfigError, match=r"x: expected key=value items or a \{key: value\} mapping, got 'a'"):
+        C.coerce("a", dict[str, str], "x")
+    with pytest.raises(ConfigError, match=r"x.n: expected an integer, got 'many'"):
+        C.coerce({"n": "many"}, dict[str, int], "x")
+    got = C.parse_overrides(["a.b=1", "output_dir=/x"], ["a"], ["output_dir"])
+    assert got == {"a": {"b": "1"}, "output_dir": "/x"}
+    with pytest.raises(ConfigError, match=r"override key 'resume' must be <section>.<field>"):
+        C.parse_overrides(["resume=true"], ["a"], ["output_dir"])
