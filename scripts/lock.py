@@ -58,9 +58,23 @@ def write_lock(find_links: str, upgrade: bool) -> None:
     cmd += ["--python-platform", "x86_64-manylinux_2_28", "--no-header", "--find-links", find_links]
     cmd += [arg for extra in EXTRAS for arg in ("--extra", extra)]
     cmd += ["--upgrade"] if upgrade else []
+    # uv writes the resolution to --output-file (with --quiet, nothing to stdout); seeded with the current lock,
+    # it keeps the versions already locked where pyproject still allows them (not with --upgrade).
+    work = LOCK + ".uv"
     if os.path.exists(LOCK) and not upgrade:
-        cmd += ["--output-file", LOCK]  # keeps the versions already locked where pyproject still allows them
-    pinned = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        shutil.copyfile(LOCK, work)
+    elif os.path.exists(work):
+        os.remove(work)
+    try:
+        subprocess.run([*cmd, "--output-file", work], check=True, capture_output=True, text=True, cwd=ROOT)
+        with open(work) as fh:
+            pinned = "".join(line for line in fh if not line.startswith("# pyproject-dependencies-sha256:")
+                             and not line.startswith("# Written by `make lock`"))  # fmt: skip
+    finally:
+        if os.path.exists(work):
+            os.remove(work)
+    if "==" not in pinned:
+        sys.exit("lock: uv pip compile wrote no pins; the lock is left as it was")
     if "torch==" in pinned and "+cpu" not in pinned:
         sys.exit(f"lock: torch did not resolve to the CPU wheel; is it in {find_links}?")
     with open(LOCK + ".tmp", "w") as f:

@@ -113,3 +113,26 @@ def test_makefile_libtpu_is_the_version_jax_pins():
     wanted = [Requirement(r) for r in requires("jax") or [] if r.startswith("libtpu") and 'extra == "tpu"' in r]
     assert wanted, f"jax {version('jax')} declares no libtpu for its tpu extra"
     assert wanted[0].specifier.contains(pinned.group(1)), f"libtpu=={pinned.group(1)} violates jax's {wanted[0]}"
+
+
+def test_lock_takes_the_pins_uv_writes_to_its_output_file(tmp_path, monkeypatch):
+    # uv pip compile --quiet --output-file F prints nothing: the lock must come from F (it was written empty).
+    lock = _lock_module()
+    target = tmp_path / "requirements.lock"
+    target.write_text("# pyproject-dependencies-sha256: old\n# Written by `make lock` x\nnumpy==1.0\n")
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        out = cmd[cmd.index("--output-file") + 1]
+        seen["seeded"] = open(out).read()
+        with open(out, "w") as fh:
+            fh.write("numpy==2.0\n    # via flax-narrow\ntorch==2.13.0+cpu\n")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(lock, "LOCK", str(target))
+    monkeypatch.setattr(lock.subprocess, "run", fake_run)
+    lock.write_lock("/nowhere", upgrade=False)
+    text = target.read_text()
+    assert "numpy==1.0" in seen["seeded"]  # seeded with the current pins
+    assert "numpy==2.0" in text and "torch==2.13.0+cpu" in text and text.count("pyproject-dependencies-sha256") == 1
+    assert not os.path.exists(str(target) + ".uv")
