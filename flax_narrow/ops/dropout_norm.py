@@ -23,12 +23,17 @@ equivalent with the same stream; it is not used.
 
 Statistics are fp32 whatever the input dtype; ``x + dropout(y)`` is rounded to the inputs' dtype before they
 are taken (as the unfused bf16 model does), the output has ``x``'s dtype.
+
+Limits: the kernels are single-device custom calls. XLA cannot partition them (a TPU compile over a multi-device
+mesh fails with "Mosaic kernels cannot be automatically partitioned"); wrapping them in ``shard_map`` over the
+row axis is not done. The backend is read from ``jax.default_backend()`` at trace time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +46,7 @@ IMPLS = ("jnp", "pallas", "pallas_interpret")
 # ------------------------------------------------------------------------------------------------- the mask
 def check_rate(rate: float) -> float:
     """``rate`` as a float, or a ConfigError when it is not a probability in [0, 1)."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ConfigError(f"dropout rate must be a number in [0, 1), got {rate!r}")
     return float(rate)
 

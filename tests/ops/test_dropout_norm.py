@@ -1,6 +1,8 @@
 """The fused LayerNorm(x + dropout(y)): Pallas kernels (interpret mode) against the jnp reference and against
 plain LayerNorm, the shared mask, the Triton masked-column path, row blocking, and bad inputs."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +116,7 @@ def test_dropout_scales_kept_values():
     np.testing.assert_allclose(out, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, "0.1", True])
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, "0.1", True, None])
 def test_bad_rate_is_a_config_error(rate):
     x, y, scale, bias, key = _inputs((2, 8))
     for impl in ("jnp", "pallas_interpret"):
@@ -169,3 +171,43 @@ def test_any_leading_rank_under_jit():
     f = jax.jit(lambda *a: dn.dropout_add_layer_norm(*a, eps=1e-5, rate=0.1, key=key, impl="pallas_interpret"))
     ref = dn.dropout_add_layer_norm_reference(x, y, scale, bias, eps=1e-5, rate=0.1, key=key)
     np.testing.assert_allclose(f(x, y, scale, bias), ref, atol=1e-5, rtol=1e-5)
+
+
+def _fwd_bwd(spec):
+    """The fused op's value-and-gradients as a function of abstract (N, H) inputs, for lowering elsewhere."""
+
+    def f(x, y, s, b, k):
+        loss = lambda *a: dn._fused(spec, *a, k).astype(jnp.float32).sum()  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, y, s, b)
+
+    return f
+
+
+@pytest.mark.parametrize("h,masked,rate", [(768, True, 0.1), (1024, False, 0.1), (768, True, 0.0)])
+def test_kernels_lower_for_triton(h, masked, rate):
+    """Forward and backward kernels lower through Pallas' Triton backend (checked here without a GPU: lowering
+    runs on the host; the power-of-two and masked-access rules are enforced there)."""
+    spec = dn._Spec(1e-12, rate, "gpu", 4, masked, "bfloat16", "bfloat16")
+    args = (jnp.zeros((64, h), jnp.bfloat16),) * 2 + (jnp.ones(h), jnp.zeros(h), jax.random.key(0))
+    text = jax.jit(_fwd_bwd(spec)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_kernels_compile_for_tpu_deviceless():
+    """Forward and backward kernels compile with Mosaic for a TPU v5e chip (libtpu's compile-only topology)."""
+    from flax_narrow.train import aot
+
+    device = aot.topology_devices(aot.parse_topology("v5e-8"))[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    n, h = 1000, 256  # 1000 rows: blocks of 200 (multiples of 8, not powers of two)
+    spec = dn._Spec(1e-12, 0.1, "tpu", 256, False, "bfloat16", "bfloat16")
+    s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+    args = (s((n, h), jnp.bfloat16),) * 2 + (s((h,), jnp.float32),) * 2 + (s((), jax.random.key(0).dtype),)
+    compiled = jax.jit(_fwd_bwd(spec)).trace(*args).lower().compile()
+    assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_numpy_rates_are_accepted():
+    assert dn.keep_threshold(np.float32(0.5)) == 2**31
+    assert dn.check_rate(np.float64(0.25)) == 0.25
