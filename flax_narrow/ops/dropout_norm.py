@@ -24,9 +24,10 @@ equivalent with the same stream; it is not used.
 Statistics are fp32 whatever the input dtype; ``x + dropout(y)`` is rounded to the inputs' dtype before they
 are taken (as the unfused bf16 model does), the output has ``x``'s dtype.
 
-Limits: the kernels are single-device custom calls. XLA cannot partition them (a TPU compile over a multi-device
-mesh fails with "Mosaic kernels cannot be automatically partitioned"); wrapping them in ``shard_map`` over the
-row axis is not done. The backend is read from ``jax.default_backend()`` at trace time.
+Sharded meshes: a Pallas kernel is a custom call that XLA cannot partition, so both kernels are wrapped in
+``custom_partitioning`` by rows (each device normalises its own rows; the dscale/dbias sums are added up across
+the row shards). libtpu's compile-only client (deviceless AOT) has no partitioner for it: there only a one-chip
+compile works. The backend is read from ``jax.default_backend()`` at trace time.
 """
 
 from __future__ import annotations
@@ -352,24 +353,84 @@ def _call(kernel, spec: _Spec, n: int, h: int, inputs, out_shapes, out_kinds):
     return [o[:n] if k in ("row", "stat") and n_pad != n else o for o, k in zip(outs, out_kinds)]
 
 
-def _bits_input(spec: _Spec, key: jax.Array, n: int, h: int) -> tuple[str, jax.Array]:
-    """The kernels' dropout-bits input: (N, H) uint32 drawn from ``key``; at rate 0 a (H,) placeholder the
-    kernels never read (no bits drawn, no (N, H) buffer)."""
+def _bits_input(spec: _Spec, key: jax.Array, n: int, h: int) -> jax.Array:
+    """The kernels' dropout bits: (N, H) uint32 drawn from ``key``; at rate 0 a (H,) placeholder the kernels
+    never read (no bits drawn, no (N, H) buffer)."""
     if spec.rate == 0.0:
-        return ("vec", jnp.zeros((h,), jnp.uint32))
-    return ("row", dropout_bits(key, (n, h)))
+        return jnp.zeros((h,), jnp.uint32)
+    return dropout_bits(key, (n, h))
 
 
-def _forward(spec: _Spec, x, y, scale, bias, key, save: bool):
+def _forward_local(spec: _Spec, save: bool, x, y, bits, scale, bias) -> tuple[jax.Array, ...]:
+    """The forward kernel on (N, H) rows: (out,), or (out, z, mean, rstd) with ``save``."""
     n, h = x.shape
     zdt = jnp.result_type(x, y)
     kernel = functools.partial(_forward_kernel, spec=spec, h=h, zdt=zdt, save=save)
-    inputs = [("row", x), ("row", y), _bits_input(spec, key, n, h), ("vec", scale), ("vec", bias)]
+    bits_kind = "row" if bits.ndim == 2 else "vec"
+    inputs = [("row", x), ("row", y), (bits_kind, bits), ("vec", scale), ("vec", bias)]
     shapes, kinds = [((n, h), x.dtype)], ["row"]
     if save:
         shapes += [((n, h), zdt), ((n, 1), jnp.float32), ((n, 1), jnp.float32)]
         kinds += ["row", "stat", "stat"]
-    return _call(kernel, spec, n, h, inputs, shapes, kinds)
+    return tuple(_call(kernel, spec, n, h, inputs, shapes, kinds))
+
+
+def _backward_local(spec: _Spec, z, g, mean, rstd, bits, scale) -> tuple[jax.Array, ...]:
+    """The backward kernel on (N, H) rows: (dx, dy, dscale, dbias), the last two fp32 (H,) sums over the rows."""
+    n, h = z.shape
+    kernel = functools.partial(_backward_kernel, spec=spec, h=h)
+    bits_kind = "row" if bits.ndim == 2 else "vec"
+    inputs = [("row", z), ("row", g), ("stat", mean), ("stat", rstd), (bits_kind, bits), ("vec", scale)]
+    shapes = [((n, h), spec.x_dtype), ((n, h), spec.y_dtype), (None, jnp.float32), (None, jnp.float32)]
+    dx, dy, dscale, dbias = _call(kernel, spec, n, h, inputs, shapes, ["row", "row", "part", "part"])
+    return dx, dy, dscale.sum(axis=(0, 1)), dbias.sum(axis=(0, 1))
+
+
+_FACTORS = {"row": "n h", "stat": "n o", "vec": "h", "sum": "h"}
+
+
+@functools.cache
+def _row_partitioned(local_fn, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
+    """``local_fn(*static, *arrays)`` as a ``custom_partitioning`` op that XLA splits by rows.
+
+    A Pallas kernel is a custom call XLA cannot partition (a TPU compile over a sharded mesh fails). Rows are
+    independent, so each device runs the kernel on its own rows: inputs and outputs of kind "row" (N, H) and
+    "stat" (N, 1) are sharded like the first input's rows (its other dimensions replicated), "vec" (H,) inputs
+    replicated, and "sum" outputs (H,) (sums over the rows) added up across the row shards with ``psum``. On one
+    device (or inside ``shard_map``) this is ``local_fn`` itself.
+    """
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    @functools.partial(custom_partitioning, static_argnums=(0,))
+    def op(static, *arrays):
+        return local_fn(*static, *arrays)
+
+    def partition(static, mesh, arg_shapes, result_shape):
+        spec0 = arg_shapes[0].sharding.spec
+        axes = spec0[0] if len(spec0) else None
+
+        def sharding(kind):
+            return NamedSharding(mesh, PartitionSpec(axes, None) if kind in ("row", "stat") else PartitionSpec())
+
+        def lower(*arrays):
+            outs = local_fn(*static, *arrays)
+            if axes is None:
+                return outs
+            return tuple(jax.lax.psum(o, axes) if k == "sum" else o for o, k in zip(outs, out_kinds))
+
+        return mesh, lower, tuple(map(sharding, out_kinds)), tuple(map(sharding, in_kinds))
+
+    rule = ", ".join(_FACTORS[k] for k in in_kinds) + " -> " + ", ".join(_FACTORS[k] for k in out_kinds)
+    op.def_partition(partition=partition, sharding_rule=rule)
+    return op
+
+
+def _forward(spec: _Spec, x, y, scale, bias, key, save: bool) -> tuple[jax.Array, ...]:
+    bits = _bits_input(spec, key, *x.shape)
+    in_kinds = ("row", "row", "row" if bits.ndim == 2 else "vec", "vec", "vec")
+    out_kinds = ("row", "row", "stat", "stat") if save else ("row",)
+    return _row_partitioned(_forward_local, in_kinds, out_kinds)((spec, save), x, y, bits, scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -384,21 +445,11 @@ def _fused_fwd(spec: _Spec, x, y, scale, bias, key):
 
 def _fused_bwd(spec: _Spec, res, g):
     z, mean, rstd, scale, bias, key = res
-    n, h = z.shape
-    kernel = functools.partial(_backward_kernel, spec=spec, h=h)
-    inputs = [
-        ("row", z),
-        ("row", g),
-        ("stat", mean),
-        ("stat", rstd),
-        _bits_input(spec, key, n, h),
-        ("vec", scale),
-    ]
-    shapes = [((n, h), spec.x_dtype), ((n, h), spec.y_dtype), (None, jnp.float32), (None, jnp.float32)]
-    dx, dy, dscale, dbias = _call(kernel, spec, n, h, inputs, shapes, ["row", "row", "part", "part"])
-    dscale = dscale.sum(axis=(0, 1)).astype(scale.dtype)
-    dbias = dbias.sum(axis=(0, 1)).astype(bias.dtype)
-    return dx, dy, dscale, dbias, None
+    bits = _bits_input(spec, key, *z.shape)
+    in_kinds = ("row", "row", "stat", "stat", "row" if bits.ndim == 2 else "vec", "vec")
+    op = _row_partitioned(_backward_local, in_kinds, ("row", "row", "sum", "sum"))
+    dx, dy, dscale, dbias = op((spec,), z, g, mean, rstd, bits, scale)
+    return dx, dy, dscale.astype(scale.dtype), dbias.astype(bias.dtype), None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
