@@ -40,6 +40,7 @@ DATA_SOURCES = ("stdlib", "files", "hub")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "poly", "constant")
 NONFINITE_ACTIONS = ("stop", "skip")
+OUTPUT_BIAS_INITS = ("zeros", "unigram")
 
 
 def _need(cond: bool, where: str, msg: str) -> None:
@@ -129,6 +130,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_norm: float | None = 1.0
     on_nonfinite: str = "stop"
+    # The MLM decoder bias of a model trained from scratch: "zeros" (BERT's init) or "unigram" (the
+    # log-frequencies of the tokens in the training rows, so the loss starts at the unigram plateau instead of
+    # log(vocab_size) and the first steps go to context; map-style data only, not with checkpoint.init_from).
+    output_bias_init: str = "zeros"
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 4
@@ -187,6 +192,11 @@ class TrainConfig:
             self.on_nonfinite in NONFINITE_ACTIONS,
             w,
             f"on_nonfinite {self.on_nonfinite!r} is not one of {NONFINITE_ACTIONS}",
+        )
+        _need(
+            self.output_bias_init in OUTPUT_BIAS_INITS,
+            w,
+            f"output_bias_init {self.output_bias_init!r} is not one of {OUTPUT_BIAS_INITS}",
         )
         _need(self.eval_every >= 0, w, f"eval_every must be >= 0 (0: never), got {self.eval_every}")
         _need(self.eval_batches >= 1, w, f"eval_batches must be >= 1, got {self.eval_batches}")
@@ -291,6 +301,17 @@ class PretrainConfig:
             "train.max_predictions",
             f"{t.max_predictions} must be <= seq_len - 2 = {d.seq_len - 2}",
         )
+        if t.output_bias_init == "unigram":
+            _need(
+                not d.streaming,
+                "train.output_bias_init",
+                "'unigram' counts the training rows: needs data.streaming=false",
+            )
+            _need(
+                self.checkpoint.init_from is None,
+                "train.output_bias_init",
+                "'unigram' starts a model from scratch; checkpoint.init_from brings its own bias (use 'zeros')",
+            )
         if self.checkpoint.resume:
             _need(
                 self.checkpoint_dir is not None,
@@ -384,6 +405,7 @@ def _preset_demo_narrowbert() -> PretrainConfig:
             learning_rate=1e-3,
             warmup_steps=30,
             decay="constant",
+            output_bias_init="unigram",
             log_every=10,
             eval_every=500,
             eval_batches=8,
