@@ -31,7 +31,7 @@ def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="offline pretraining demo: NarrowBERT vs BERT at equal time on CPU (minutes)")
     p.add_argument("--out", default=None, help="output directory (default: a fresh temporary directory)")
     p.add_argument(
-        "--seconds", type=float, default=None, help="training seconds of each model (default 150; both train at once)"
+        "--seconds", type=float, default=None, help="training seconds of each model (default 180; both train at once)"
     )
     p.add_argument("--steps", type=int, default=None, help="at most this many training steps per model")
     p.add_argument("--parity", action="store_true", help="run the BORT checkpoint parity demo instead")

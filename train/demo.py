@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,14 +37,16 @@ from flax_narrow.errors import InputError
 log = logging.getLogger(__name__)
 
 PRESETS = ("demo-narrowbert", "demo-bert")
-DEFAULT_SECONDS = 150.0
+DEFAULT_SECONDS = 180.0
 EVALS = 5  # evaluations per run, at equal fractions of the budget
 SAVED = "final"  # the save_pretrained subdirectory of each run directory
+# Probes whose answer is fixed by the neighbouring words (a function word where a context-free guess says
+# "the" or "."), which is what a model this small learns first, and one whose answer is a content word.
 FILL_MASK_TEXTS = (
-    "Return True if the file [MASK] exists.",
+    "Return the number [MASK] items in the list.",
+    "Return True [MASK] the file exists.",
+    "This method is deprecated [MASK] will be removed in a future version.",
     "If the argument is not a string, raise a [MASK].",
-    "Return the number of [MASK] in the list.",
-    "This method is [MASK] for backward compatibility.",
 )
 FINETUNE_PACKAGES = ("email", "http", "xml", "json", "asyncio", "unittest", "multiprocessing", "logging")
 
@@ -281,9 +284,9 @@ def _describe(cfg: Any) -> str:
     )
 
 
-def _prepare_data(cfg: Any) -> int:
+def _prepare_data(cfg: Any) -> tuple[int, Any]:
     """Fill the data cache (corpus, tokenizer, packed rows) once, before the runs read it; returns the number
-    of training documents."""
+    of training documents and the tokenizer."""
     from . import data as D
 
     cache_dir = os.path.expanduser(cfg.data.cache_dir)
@@ -292,33 +295,105 @@ def _prepare_data(cfg: Any) -> int:
     D.packed_cached(docs, tokenizer, cfg.data, cache_dir, "train")
     if eval_docs is not None:
         D.packed_cached(eval_docs, tokenizer, cfg.data, cache_dir, "eval")
-    return len(docs)
+    return len(docs), tokenizer
 
 
-def _train_together(configs: dict[str, Any], pretrain: Any) -> dict[str, Any]:
-    """``pretrain`` every config at once, one thread each (XLA:CPU runs one of these small steps on about one
-    core, so two runs share two cores, and both see the same machine load); re-raises a run's error."""
-    import threading
+# JAX settings a worker process takes over from the demo's process (jax.config does not cross a spawn).
+_INHERITED_JAX_SETTINGS = (
+    "jax_platforms",
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_default_matmul_precision",
+    "jax_num_cpu_devices",
+)
 
-    results: dict[str, Any] = {}
-    errors: dict[str, BaseException] = {}
 
-    def work(name: str) -> None:
-        try:
-            results[name] = pretrain(configs[name])
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
-            errors[name] = e
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    """What a worker reports of its run: the evaluations, steps, speed and where it saved the model."""
 
-    # daemon: an interrupted demo exits without waiting for the runs
-    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in configs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    evals: list[dict[str, Any]]
+    final_step: int
+    compile_seconds: float
+    steps_per_second: float | None
+    tokens_per_second: float | None
+    saved: str
+
+
+def _worker(cfg: Any, saved_dir: str, settings: dict[str, Any], conn: Any) -> None:
+    """A worker process: ``pretrain(cfg)``, save the model and its tokenizer under ``saved_dir``, send back a
+    :class:`DemoRun` (or the error's class name and message)."""
+    import jax
+
+    for name, value in settings.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
+    try:
+        from .loop import pretrain
+
+        with _quiet():
+            r = pretrain(cfg)
+            directory = r.model().save_pretrained(saved_dir)
+            r.tokenizer.save_pretrained(directory)
+        run = DemoRun(r.evals, r.final_step, r.compile_seconds, r.steps_per_second, r.tokens_per_second, directory)
+        conn.send(("ok", run))
+    except KeyboardInterrupt:
+        conn.send(("interrupted", None))
+    except BaseException as e:  # noqa: BLE001 - sent to the demo's process, which raises it there
+        conn.send(("error", (type(e).__name__, str(e))))
+    finally:
+        conn.close()
+
+
+def _train_together(configs: dict[str, Any], saved_dirs: dict[str, str]) -> dict[str, DemoRun]:
+    """``pretrain`` every config at once, each in a process of its own (XLA:CPU runs one of these small steps
+    on about one core, so two runs use both cores of a 2-core machine, and both see the same machine load; in
+    threads of one process they shared one interpreter and got about 1.4 cores). Raises a run's error here."""
+    import multiprocessing
+
+    import jax
+
+    from flax_narrow import errors
+
+    settings = {name: getattr(jax.config, name) for name in _INHERITED_JAX_SETTINGS}
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
+    procs, conns = {}, {}
+    for name, cfg in configs.items():
+        parent, child = ctx.Pipe(duplex=False)
+        procs[name] = ctx.Process(target=_worker, args=(cfg, saved_dirs[name], settings, child), daemon=True)
+        procs[name].start()
+        child.close()
+        conns[name] = parent
+    replies: dict[str, tuple[str, Any]] = {}
+    try:
+        for name, conn in conns.items():
+            try:
+                replies[name] = conn.recv()
+            except EOFError:  # the worker died without a word (killed, out of memory)
+                replies[name] = (
+                    "error",
+                    (
+                        "RuntimeError",
+                        f"the {name} worker exited with code {procs[name].join() or procs[name].exitcode}",
+                    ),
+                )
+        for p in procs.values():
+            p.join()
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.terminate()
     for name in configs:
-        if name in errors:
-            raise errors[name]
-    return results
+        status, payload = replies[name]
+        if status == "interrupted":
+            raise KeyboardInterrupt
+        if status == "error":
+            kind, message = payload
+            cls = getattr(errors, kind, None)
+            if isinstance(cls, type) and issubclass(cls, errors.FlaxNarrowError):
+                raise cls(message)
+            raise RuntimeError(f"{name}: {kind}: {message}")
+    return {name: replies[name][1] for name in configs}
 
 
 def run_demo(
@@ -346,9 +421,9 @@ def run_demo(
     import jax
 
     from flax_narrow.modeling import BertForMaskedLM
+    from flax_narrow.tokenization import load_tokenizer
 
     from .config import load_config
-    from .loop import pretrain
 
     seconds = DEFAULT_SECONDS if seconds is None else float(seconds)
     out_dir = out_dir or tempfile.mkdtemp(prefix="flax-narrow-demo-")
@@ -369,13 +444,14 @@ def run_demo(
                 sets.append(f"train.steps={steps}")
             configs[name] = load_config(name, None, sets)
             print(f"{_describe(configs[name])}", flush=True)
-        n_docs = _prepare_data(configs[PRESETS[0]])
+        n_docs, tokenizer = _prepare_data(configs[PRESETS[0]])
         print(
-            f"Both train at once on {n_docs} docstrings of Python's standard library, for {seconds:g} s of training "
-            f"steps each\n(compilation and evaluation not counted), on {jax.devices()[0].platform} ...",
+            f"Both train at once, each in its own process, on {n_docs} docstrings of Python's standard library,\n"
+            f"for {seconds:g} s of training steps each (compilation and evaluation not counted), on "
+            f"{jax.devices()[0].platform} ...",
             flush=True,
         )
-        results = _train_together(configs, pretrain)
+        results = _train_together(configs, {n: os.path.join(out_dir, n, SAVED) for n in PRESETS})
         for name in PRESETS:
             r = results[name]
             last = r.evals[-1] if r.evals else {"train_seconds": float("nan")}
@@ -385,10 +461,10 @@ def run_demo(
                 flush=True,
             )
         narrow, bert = (results[n] for n in PRESETS)
-        rows = eval_rows(configs[PRESETS[0]], narrow.tokenizer)
-        specials = narrow.tokenizer.all_special_ids
+        rows = eval_rows(configs[PRESETS[0]], tokenizer)
+        specials = tokenizer.all_special_ids
         entropy = unigram_entropy(rows, specials)
-        plateau = unigram_cross_entropy(rows, [train_rows(configs[PRESETS[0]], narrow.tokenizer)], specials)
+        plateau = unigram_cross_entropy(rows, [train_rows(configs[PRESETS[0]], tokenizer)], specials)
         n_eval = int(narrow.evals[-1]["eval_predictions"]) if narrow.evals else 0
         print(
             f"\nEval: {n_eval} masked tokens of {sum(len(r) for r in rows)} held-out rows, the same masks for both. "
@@ -405,13 +481,8 @@ def run_demo(
                 f"({a['step']} steps), BERT {b['eval_loss']:.3f} ({b['step']} steps); unigram entropy {entropy:.3f}."
             )
             print(f"  {_verdict(a['eval_loss'], b['eval_loss'], entropy)}")
-        saved = {}
-        for name in PRESETS:
-            r = results[name]
-            directory = r.model().save_pretrained(os.path.join(out_dir, name, SAVED))
-            r.tokenizer.save_pretrained(directory)
-            saved[name] = directory
-        models = {display[n]: (BertForMaskedLM.from_pretrained(saved[n]), results[n].tokenizer) for n in PRESETS}
+        saved = {name: results[name].saved for name in PRESETS}
+        models = {display[n]: (BertForMaskedLM.from_pretrained(saved[n]), load_tokenizer(saved[n])) for n in PRESETS}
         print(f"\nFill-mask, top 3 (probability), models reloaded from {os.path.join(out_dir, '*', SAVED)}:")
         print("\n".join("  " + line for line in fill_mask_lines(models, texts)))
         task_dir = os.path.join(out_dir, "stdlib-packages")
