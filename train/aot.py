@@ -327,6 +327,7 @@ def compile_for_topology(cfg: PretrainConfig, topology: str) -> CompileReport:
             seq_len=seq_len,
             rest=rest,
             teacher=teacher,
+            segment_ids=cfg.data.packing == "segments",
         )
     except Exception as e:  # XLA's compiler errors (RESOURCE_EXHAUSTED when the program does not fit)
         text = str(e).strip()
