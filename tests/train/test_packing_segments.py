@@ -373,6 +373,7 @@ def test_compile_only_compiles_the_step_with_segment_ids():
     plain = aot.compile_for_topology(cfg, "v4-8")
     seg = aot.compile_for_topology(load_config("tiny", None, ["data.packing=segments"]), "v4-8")
     assert plain.fits and seg.fits
-    # one more int32[A, Bm, L] input, split over the 4 devices' batch rows
+    # one more int32[A, Bm, L] input, split over the 4 devices' batch rows (TPU layouts pad it: up to 4x)
     extra = cfg.train.global_batch_size * cfg.data.seq_len * 4 // plain.num_devices
-    assert seg.argument_bytes - plain.argument_bytes == extra
+    assert extra <= seg.argument_bytes - plain.argument_bytes <= 4 * extra
+    assert seg.xla_flops_per_device > plain.xla_flops_per_device  # and the segment masks are computed
