@@ -3,8 +3,8 @@
 ``flax-narrow pretrain --compile-only --topology v4-32`` builds the run's mesh over the devices of a TPU
 topology described by libtpu (``jax.experimental.topologies``; no TPU needed, ``pip install libtpu``), lowers
 and compiles the same jitted train step :func:`flax_narrow.train.loop.pretrain` runs (state shardings,
-gradient accumulation, masking, dropout, optimizer) against abstract inputs, and reads XLA's per-device
-memory and FLOP counts from the compiled program. A config that does not fit a device's HBM is refused with
+gradient accumulation, masking, dropout, optimizer; with ``data.packing=segments`` the segment ids too) against
+abstract inputs, and reads XLA's per-device memory and FLOP counts from the compiled program. A config that does not fit a device's HBM is refused with
 the levers that would make it fit.
 
 Nothing is read but the config: the corpus and tokenizer are not loaded (the masking ids are placeholders,
