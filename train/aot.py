@@ -4,8 +4,8 @@
 topology described by libtpu (``jax.experimental.topologies``; no TPU needed, ``pip install libtpu``), lowers
 and compiles the same jitted train step :func:`flax_narrow.train.loop.pretrain` runs (state shardings,
 gradient accumulation, masking, dropout, optimizer; with ``data.packing=segments`` the segment ids too) against
-abstract inputs, and reads XLA's per-device memory and FLOP counts from the compiled program. A config that does not fit a device's HBM is refused with
-the levers that would make it fit.
+abstract inputs, and reads XLA's per-device memory and FLOP counts from the compiled program. A config that
+does not fit a device's HBM is refused with the levers that would make it fit.
 
 Nothing is read but the config: the corpus and tokenizer are not loaded (the masking ids are placeholders,
 which change constants of the program only, not its shapes), and a distillation teacher is built from its
