@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from flax_narrow.errors import FlaxNarrowError
+
+log = logging.getLogger(__name__)
 
 COMMAND_MODULES = (
     "flax_narrow.convert.cli",
@@ -72,11 +75,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _other_jax_plugins() -> list[str]:
+    """Names of installed JAX PJRT plugins other than libtpu (CUDA, ROCm, ...)."""
+    import importlib.metadata
+    import pkgutil
+
+    names = [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins  # a namespace package the CUDA / ROCm plugins install into
+    except ImportError:
+        return names
+    return names + [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+
+
+def skip_absent_tpu() -> bool:
+    """Use the CPU backend when libtpu is installed on a machine with no TPU and nothing else asks otherwise.
+
+    Without this, every command on such a machine (``make test`` installs libtpu for the deviceless TPU
+    compile) first lets libtpu search for a TPU VM's metadata, which prints several lines of warnings and takes
+    its lock file, before JAX falls back to the CPU. Left alone: a ``JAX_PLATFORMS`` the user set, a machine
+    with TPU chips, and any other accelerator plugin installed. ``--compile-only --topology`` still works: libtpu
+    describes the topology without the TPU backend. Returns whether it set ``jax_platforms`` to ``cpu``.
+    """
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or _other_jax_plugins():
+        return False
+    import jax
+    from jax._src import hardware_utils  # how jax itself counts the TPU chips (PCI ids), without libtpu
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    skipped = skip_absent_tpu()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if skipped:
+        log.debug(
+            "libtpu is installed but this machine has no TPU: using the CPU backend (set JAX_PLATFORMS to choose)"
+        )
     try:
         return int(args.func(args) or 0)
     except FlaxNarrowError as e:

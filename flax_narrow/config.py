@@ -30,6 +30,7 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 ATTENTION_IMPLS = ("xla", "cudnn")
 MODEL_TYPES = ("bert", "roberta", "narrow_bert")
 NARROW_ATTENTION = ("auto", "standard", "absorbed")
+FUSED_DROPOUT_NORM = ("off", "jnp", "pallas", "pallas_interpret")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
@@ -96,6 +97,12 @@ class EncoderConfig:
     # padded logits are sliced off before anything reads them). Parameters and checkpoints keep the true
     # vocab_size, so this is a pure compute setting; 128 aligns the matmul with GPU/TPU tiles. 1 = off.
     vocab_pad_multiple: int = 1
+    # The output blocks' LayerNorm(residual + dropout(dense)) (attention and FFN, full and narrow layers) as
+    # one op (flax_narrow.ops.dropout_norm): "off" (the nnx modules), "jnp" (the fused op's jax.numpy form),
+    # "pallas" (its Pallas kernels; GPU/TPU only, a ConfigError on CPU), "pallas_interpret" (the kernels in
+    # interpret mode: any backend, slow; for tests). Parameters are the same in every mode; the dropout masks
+    # of "off" and the fused modes differ (different random draws), the values without dropout agree.
+    fused_dropout_norm: str = "off"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -121,6 +128,10 @@ class EncoderConfig:
             f"vocab_pad_multiple must be an int >= 1, got {self.vocab_pad_multiple!r}",
         )
         need(self.remat_policy in REMAT, f"remat_policy {self.remat_policy!r} not in {REMAT}")
+        need(
+            self.fused_dropout_norm in FUSED_DROPOUT_NORM,
+            f"fused_dropout_norm {self.fused_dropout_norm!r} not in {FUSED_DROPOUT_NORM}",
+        )
         need(self.model_type in MODEL_TYPES, f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         need(self.problem_type in PROBLEM_TYPES, f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):

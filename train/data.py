@@ -27,7 +27,7 @@ import os
 import shutil
 import sysconfig
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -424,6 +424,16 @@ def packed_cached(docs: Any, tokenizer: Any, cfg: DataConfig, cache_dir: str, sp
 
 
 # --------------------------------------------------------------------------------------------- grain
+def unigram_log_probs(rows: np.ndarray, vocab_size: int, exclude: Sequence[int] = (), alpha: float = 0.5) -> np.ndarray:
+    """float32[vocab_size]: log-frequencies of the ids in ``rows`` (int[..., L]), the ``exclude`` ids (special
+    tokens, padding: masking never selects them) not counted, ``alpha`` added to every count (no id has zero
+    probability), centred to mean 0 (softmax is unchanged by a constant)."""
+    counts = np.bincount(np.asarray(rows).ravel(), minlength=vocab_size)[:vocab_size].astype(np.float64)
+    counts[[i for i in exclude if 0 <= i < vocab_size]] = 0.0
+    logp = np.log((counts + alpha) / (counts + alpha).sum())
+    return (logp - logp.mean()).astype(np.float32)
+
+
 Rows = np.ndarray | dict[str, np.ndarray]
 """Packed rows on the host: int32[..., L] token ids, or with segment ids ``{"input_ids", "segment_ids"}``
 (each int32[..., L]); the batching below keeps the form."""

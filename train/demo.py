@@ -64,6 +64,41 @@ def unigram_entropy(rows: Sequence[np.ndarray], special_ids: Sequence[int]) -> f
     return float(-(p * np.log(p)).sum())
 
 
+def unigram_cross_entropy(
+    rows: Sequence[np.ndarray], train_rows: Sequence[np.ndarray], special_ids: Sequence[int], alpha: float = 0.5
+) -> float:
+    """Cross-entropy in nats of the tokens of ``rows`` under the token frequencies of ``train_rows`` (both
+    int[..., L] arrays, special tokens excluded; ``alpha`` added to every count of the vocabulary seen in either,
+    so a token the training rows lack has a finite cost).
+
+    This is the eval loss of a model that ignores context and has learned the training split's frequencies:
+    the plateau a pretraining run sits on before it uses context. It is at least :func:`unigram_entropy`.
+    """
+    special = np.asarray(list(special_ids))
+
+    def tokens(rs: Sequence[np.ndarray]) -> np.ndarray:
+        ids = np.concatenate([np.asarray(r).ravel() for r in rs])
+        return ids[~np.isin(ids, special)]
+
+    ev, tr = tokens(rows), tokens(train_rows)
+    if ev.size == 0 or tr.size == 0:
+        raise InputError("unigram_cross_entropy: the rows hold no non-special token")
+    size = int(max(ev.max(), tr.max())) + 1
+    q = np.bincount(tr, minlength=size).astype(np.float64) + alpha
+    q /= q.sum()
+    return float(-np.log(q[ev]).mean())
+
+
+def train_rows(cfg: Any, tokenizer: Any) -> np.ndarray:
+    """The packed training rows (int32[R, seq_len]) of ``cfg``, read back from the data cache its run filled."""
+    from . import data as D
+
+    cache_dir = os.path.expanduser(cfg.data.cache_dir)
+    docs, _ = D.load_documents(cfg.data, cache_dir)
+    source = D.PackedRows(D.packed_cached(docs, tokenizer, cfg.data, cache_dir, "train"))
+    return source.rows(0, len(source))
+
+
 def eval_rows(cfg: Any, tokenizer: Any) -> list[np.ndarray]:
     """The eval batches a single-process :func:`~flax_narrow.train.loop.pretrain` of ``cfg`` evaluates on
     (read back from the data cache that run filled): int32[global_batch_size, seq_len] each."""
@@ -186,7 +221,7 @@ def finetune_command(model_dir: str, task_dir: str, output_dir: str) -> list[str
         "--dev",
         os.path.join(task_dir, "dev.jsonl"),
         "--max-length",
-        "64",
+        "32",
         "--lr",
         "1e-3",
         "--epochs",
@@ -218,6 +253,23 @@ def _quiet() -> Iterator[None]:
         for n, level in levels.items():
             logging.getLogger(n).setLevel(level)
         transformers.logging.set_verbosity(tf_level)
+
+
+def _verdict(narrow_loss: float, bert_loss: float, entropy: float) -> str:
+    """One line on what the two final eval losses show, from the numbers only."""
+    lead = "NarrowBERT" if narrow_loss < bert_loss else "BERT"
+    parts = [f"{lead} has the lower eval loss (by {abs(narrow_loss - bert_loss):.3f} nats)"]
+    below = [n for n, v in (("NarrowBERT", narrow_loss), ("BERT", bert_loss)) if v < entropy]
+    if len(below) == 2:
+        parts.append(
+            f"both are below the unigram entropy (by {entropy - narrow_loss:.3f} and {entropy - bert_loss:.3f}), so "
+            "both use context"
+        )
+    elif below:
+        parts.append(f"only {below[0]} is below the unigram entropy")
+    else:
+        parts.append("neither is below the unigram entropy yet: both still guess from word frequencies")
+    return "; ".join(parts) + "."
 
 
 def _describe(cfg: Any) -> str:
@@ -334,12 +386,16 @@ def run_demo(
             )
         narrow, bert = (results[n] for n in PRESETS)
         rows = eval_rows(configs[PRESETS[0]], narrow.tokenizer)
-        entropy = unigram_entropy(rows, narrow.tokenizer.all_special_ids)
+        specials = narrow.tokenizer.all_special_ids
+        entropy = unigram_entropy(rows, specials)
+        plateau = unigram_cross_entropy(rows, [train_rows(configs[PRESETS[0]], narrow.tokenizer)], specials)
         n_eval = int(narrow.evals[-1]["eval_predictions"]) if narrow.evals else 0
         print(
             f"\nEval: {n_eval} masked tokens of {sum(len(r) for r in rows)} held-out rows, the same masks for both. "
-            f"Unigram entropy of the eval tokens: {entropy:.3f} nats\n(the loss of guessing every masked token "
-            "from its frequency alone).\n"
+            "Guessing each masked token\nfrom word frequencies alone, without its context, costs "
+            f"{plateau:.3f} nats with the training split's frequencies\n(the plateau a run sits on before it uses "
+            f"context); the unigram entropy of the eval tokens, {entropy:.3f} nats, is what\nthe best such guess "
+            "can reach. A loss below it means the model uses context.\n"
         )
         print("\n".join("  " + line for line in eval_table({display[n]: results[n] for n in PRESETS})))
         if narrow.evals and bert.evals:
@@ -348,6 +404,7 @@ def run_demo(
                 f"\nAfter {seconds:g} s of training each: NarrowBERT eval loss {a['eval_loss']:.3f} "
                 f"({a['step']} steps), BERT {b['eval_loss']:.3f} ({b['step']} steps); unigram entropy {entropy:.3f}."
             )
+            print(f"  {_verdict(a['eval_loss'], b['eval_loss'], entropy)}")
         saved = {}
         for name in PRESETS:
             r = results[name]
@@ -368,6 +425,7 @@ def run_demo(
         )
     return {
         "entropy": entropy,
+        "plateau": plateau,
         "runs": {
             n: {
                 "evals": results[n].evals,

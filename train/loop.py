@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -97,6 +98,7 @@ class Pipeline:
     eval_sets: list[D.Rows]
     shard: D.HostShard
     masking: MaskingSpec
+    train_source: Any = None  # the map-style training rows (None for streaming data)
 
 
 def check_tokenizer(cfg: PretrainConfig, tokenizer: Any) -> None:
@@ -140,6 +142,7 @@ def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any 
     check_tokenizer(cfg, tokenizer)
     accum, micro = tcfg.grad_accum_steps, tcfg.micro_batch_size
     shard = host_shard(mesh, micro, dcfg.seq_len, accum)
+    source = None
     if dcfg.streaming:
         ds = D.streaming_dataset(docs, tokenizer, dcfg, seed=tcfg.seed, accum=accum, rows=shard.rows)
     else:
@@ -165,7 +168,7 @@ def build_pipeline(cfg: PretrainConfig, mesh: jax.sharding.Mesh, tokenizer: Any 
         mask_token_prob=tcfg.mask_token_prob,
         random_token_prob=tcfg.random_token_prob,
     )
-    return Pipeline(tokenizer, D.to_iterator(ds, dcfg.prefetch), eval_sets, shard, masking)
+    return Pipeline(tokenizer, D.to_iterator(ds, dcfg.prefetch), eval_sets, shard, masking, source)
 
 
 def load_init_params(cfg: PretrainConfig) -> Any:
@@ -329,6 +332,8 @@ def pretrain(
             )
         init_params = load_init_params(cfg) if ccfg.init_from else None
         state = S.init_state(spec, cfg.model, tx, seed=tcfg.seed, init_params=init_params)
+        if tcfg.output_bias_init == "unigram":
+            state = _unigram_output_bias(state, spec, pipe, cfg.model.vocab_size)
     start_step = int(jax.device_get(state.step))
 
     t_graph = teacher.graphdef if teacher is not None else None
@@ -572,6 +577,26 @@ def restore_model(
     finally:
         checkpointer.close()
     return nnx.merge(spec.graphdef, state.params, S.init_rest(spec)), meta
+
+
+def _unigram_output_bias(state: S.TrainState, spec: S.StateSpec, pipe: Pipeline, vocab_size: int) -> S.TrainState:
+    """``state`` with the MLM decoder bias set to the training rows' token log-frequencies (every host counts
+    the same rows, so the bias agrees across processes); shardings unchanged."""
+    rows, _ = D.split_rows(pipe.train_source.rows(0, len(pipe.train_source)))
+    exclude = sorted(set(pipe.masking.special_token_ids) | {pipe.masking.pad_token_id})
+    logp = jnp.asarray(D.unigram_log_probs(rows, vocab_size, exclude))
+    log.info(
+        "train.output_bias_init=unigram: the MLM bias starts at the log-frequencies of %d training rows", len(rows)
+    )
+
+    def put(st: S.TrainState, bias: jax.Array) -> S.TrainState:
+        def one(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+            keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            return bias.astype(leaf.dtype) if keys[:3] == ("cls", "predictions", "bias") else leaf
+
+        return dataclasses.replace(st, params=jax.tree_util.tree_map_with_path(one, st.params))
+
+    return jax.jit(put, out_shardings=spec.shardings)(state, logp)
 
 
 def _check_resume_meta(cfg: PretrainConfig, meta: dict[str, Any], where: str | None) -> None:

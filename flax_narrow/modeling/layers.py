@@ -17,6 +17,7 @@ from flax import nnx
 
 from flax_narrow.config import EncoderConfig
 from flax_narrow.errors import ConfigError, InputError
+from flax_narrow.ops.dropout_norm import dropout_add_layer_norm
 from flax_narrow.ops.gather import gather_rows
 from flax_narrow.ops.packing import segment_attention_mask
 
@@ -274,14 +275,48 @@ class BertSelfAttention(nnx.Module):
         return ctx, probs
 
 
+def dropout_add_norm(
+    config: EncoderConfig,
+    norm: nnx.LayerNorm,
+    dropout: nnx.Dropout,
+    y_btd: jax.Array,
+    residual_btd: jax.Array,
+    *,
+    deterministic: bool,
+) -> jax.Array:
+    """``norm(dropout(y) + residual)``, (B, T, H) -> (B, T, H): the modules, or the fused op of
+    ``config.fused_dropout_norm`` with the same parameters (LayerNorm scale/bias, the dropout's RNG stream)."""
+    if config.fused_dropout_norm == "off":
+        return norm(dropout(y_btd, deterministic=deterministic) + residual_btd)
+    if config.fused_dropout_norm == "pallas" and jax.default_backend() not in ("gpu", "tpu"):
+        raise ConfigError(
+            f"EncoderConfig.fused_dropout_norm='pallas' needs a GPU or TPU (JAX's backend is "
+            f"{jax.default_backend()!r}): set it to 'off' or 'jnp' (e.g. --set model.fused_dropout_norm=off), "
+            "or 'pallas_interpret' to run the kernels in interpret mode (slow)"
+        )
+    rate = 0.0 if deterministic else dropout.rate
+    return dropout_add_layer_norm(
+        residual_btd,
+        y_btd.astype(residual_btd.dtype),
+        norm.scale[...],
+        norm.bias[...],
+        eps=norm.epsilon,
+        rate=rate,
+        key=dropout.rngs() if rate > 0 else None,
+        impl=config.fused_dropout_norm,
+    )
+
+
 class BertSelfOutput(nnx.Module):
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
         self.dense = dense(config, config.hidden_size, config.hidden_size, ("heads", "embed"), rngs)
         self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, ctx_btd: jax.Array, residual_btd: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        return self.LayerNorm(self.dropout(self.dense(ctx_btd), deterministic=deterministic) + residual_btd)
+        y = self.dense(ctx_btd)
+        return dropout_add_norm(self.config, self.LayerNorm, self.dropout, y, residual_btd, deterministic=deterministic)
 
 
 class BertAttention(nnx.Module):
@@ -307,12 +342,14 @@ class BertIntermediate(nnx.Module):
 
 class BertOutput(nnx.Module):
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
         self.dense = dense(config, config.intermediate_size, config.hidden_size, ("mlp", "embed"), rngs)
         self.LayerNorm = layer_norm(config, config.layer_norm_eps, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, x_btf: jax.Array, residual_btd: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        return self.LayerNorm(self.dropout(self.dense(x_btf), deterministic=deterministic) + residual_btd)
+        y = self.dense(x_btf)
+        return dropout_add_norm(self.config, self.LayerNorm, self.dropout, y, residual_btd, deterministic=deterministic)
 
 
 class BertLayer(nnx.Module):

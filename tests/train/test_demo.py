@@ -53,9 +53,15 @@ def test_demo_prints_each_part_from_computed_values(small_demo):
     assert lines[1].startswith("BERT: hidden 32,")
 
     # the entropy line: the figure computed from the eval rows, finite and below the uniform distribution's
-    m = re.search(r"Unigram entropy of the eval tokens: ([0-9.]+) nats", out)
+    m = re.search(r"the unigram entropy of the eval tokens, ([0-9.]+) nats", out)
     assert m and float(m.group(1)) == pytest.approx(figures["entropy"], abs=5e-4)
     assert 0 < figures["entropy"] < math.log(1024)
+    # the plateau: the eval tokens' cross-entropy under the training split's frequencies, never below the entropy
+    m = re.search(r"costs ([0-9.]+) nats with the training split's frequencies", out)
+    assert m and float(m.group(1)) == pytest.approx(figures["plateau"], abs=5e-4)
+    assert figures["plateau"] >= figures["entropy"]
+    a, b = (figures["runs"][n]["evals"][-1]["eval_loss"] for n in PRESETS)
+    assert "  " + demo._verdict(a, b, figures["entropy"]) in lines
 
     # the table: one row per evaluation of each run, its numbers those of the runs' evals
     head = next(i for i, line in enumerate(lines) if line.split() == ["NarrowBERT", "BERT"])
@@ -154,3 +160,32 @@ def test_loss_table_layout():
     mean_a = sum(5.0 + 1.0 / s for s in range(1, 11)) / 10
     assert float(lines[2].split()[1]) == pytest.approx(mean_a, abs=1e-3)
     assert lines[4].split()[1:] == ["5.000", "0.200", "6.000", "0.200"]
+
+
+def test_unigram_cross_entropy_of_known_counts():
+    # eval tokens 5, 6; training tokens 5, 5, 5, 7 (+ specials 0, 2, left out); alpha 0.5 over ids 0..7
+    rows, train = [np.array([[2, 5, 6, 0]])], [np.array([[2, 5, 5, 5, 7, 0]])]
+    q = np.full(8, 0.5)
+    q[5] += 3
+    q[7] += 1
+    q /= q.sum()
+    want = -(math.log(q[5]) + math.log(q[6])) / 2
+    assert demo.unigram_cross_entropy(rows, train, [0, 2]) == pytest.approx(want)
+    # the training split's own tokens under its own frequencies: close to its entropy, never below
+    assert demo.unigram_cross_entropy(train, train, [0, 2], alpha=1e-9) == pytest.approx(
+        unigram_entropy(train, [0, 2]), rel=1e-6
+    )
+    with pytest.raises(InputError, match="no non-special token"):
+        demo.unigram_cross_entropy([np.array([[0, 2]])], train, [0, 2])
+
+
+@pytest.mark.parametrize(
+    ("narrow", "bert", "says"),
+    [
+        (5.5, 5.7, "NarrowBERT has the lower eval loss (by 0.200 nats); both are below the unigram entropy"),
+        (6.1, 5.8, "BERT has the lower eval loss (by 0.300 nats); only BERT is below the unigram entropy"),
+        (6.2, 6.3, "NarrowBERT has the lower eval loss (by 0.100 nats); neither is below the unigram entropy yet"),
+    ],
+)
+def test_verdict_follows_the_numbers(narrow, bert, says):
+    assert demo._verdict(narrow, bert, 6.0).startswith(says)

@@ -309,6 +309,7 @@ def _run_cfg(data_cache, out=None, **extra):
         "train.eval_batches": 2,
         "data.eval_fraction": 0.1,
         "checkpoint.every_steps": 3,
+        "train.output_bias_init": "unigram",  # counts the rows' token ids (dict rows with segments)
         **extra,
     }
     if out is not None:
