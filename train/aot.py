@@ -3,9 +3,9 @@
 ``flax-narrow pretrain --compile-only --topology v4-32`` builds the run's mesh over the devices of a TPU
 topology described by libtpu (``jax.experimental.topologies``; no TPU needed, ``pip install libtpu``), lowers
 and compiles the same jitted train step :func:`flax_narrow.train.loop.pretrain` runs (state shardings,
-gradient accumulation, masking, dropout, optimizer) against abstract inputs, and reads XLA's per-device
-memory and FLOP counts from the compiled program. A config that does not fit a device's HBM is refused with
-the levers that would make it fit.
+gradient accumulation, masking, dropout, optimizer; with ``data.packing=segments`` the segment ids too) against
+abstract inputs, and reads XLA's per-device memory and FLOP counts from the compiled program. A config that
+does not fit a device's HBM is refused with the levers that would make it fit.
 
 Nothing is read but the config: the corpus and tokenizer are not loaded (the masking ids are placeholders,
 which change constants of the program only, not its shapes), and a distillation teacher is built from its
@@ -327,6 +327,7 @@ def compile_for_topology(cfg: PretrainConfig, topology: str) -> CompileReport:
             seq_len=seq_len,
             rest=rest,
             teacher=teacher,
+            segment_ids=cfg.data.packing == "segments",
         )
     except Exception as e:  # XLA's compiler errors (RESOURCE_EXHAUSTED when the program does not fit)
         text = str(e).strip()

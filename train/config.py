@@ -37,6 +37,7 @@ from .config_io import (  # noqa: F401  (their former home: importers of train.c
 )
 
 DATA_SOURCES = ("stdlib", "files", "hub")
+PACKINGS = ("concat", "segments")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "poly", "constant")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -70,6 +71,11 @@ class DataConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 8192
     seq_len: int = 128
+    # How documents share a row (both cut the same stream into the same rows, so only the attention differs):
+    # "concat": documents attend to each other across their SEP; "segments": the cache also stores int32
+    # segment ids per row and the model keeps documents apart (no attention across a boundary, positions
+    # restart per document; flax_narrow.ops.packing).
+    packing: str = "concat"
     max_documents: int | None = None
     cache_dir: str = "~/.cache/flax-narrow"
     num_proc: int | None = None
@@ -79,6 +85,7 @@ class DataConfig:
         w = "data"
         _need(self.source in DATA_SOURCES, w, f"source {self.source!r} is not one of {DATA_SOURCES}")
         _need(self.seq_len >= 8, w, f"seq_len must be >= 8, got {self.seq_len}")
+        _need(self.packing in PACKINGS, w, f"packing {self.packing!r} is not one of {PACKINGS}")
         _need(0.0 <= self.eval_fraction < 0.5, w, f"eval_fraction must be in [0, 0.5), got {self.eval_fraction}")
         _need(self.tokenizer_vocab_size >= 100, w, "tokenizer_vocab_size must be >= 100")
         _need(self.prefetch >= 0, w, f"prefetch must be >= 0, got {self.prefetch}")

@@ -4,8 +4,10 @@
   offline corpus of Python standard-library docstrings (:func:`stdlib_corpus`).
 * Tokenization is batched with a fast tokenizer. Documents are concatenated with a separator and cut into
   rows ``[CLS] chunk [SEP]`` of exactly ``seq_len`` ids (the last row of each map batch is padded).
-  Map-style corpora are packed once and cached on disk (``save_to_disk``), keyed by the source, the tokenizer
-  and ``seq_len``; streaming corpora are packed lazily.
+  With ``data.packing="segments"`` each row also gets int32 segment ids (:func:`pack_rows`), so the model
+  keeps its documents apart; the ids are the same rows either way.
+  Map-style corpora are packed once and cached on disk (``save_to_disk``), keyed by the source, the tokenizer,
+  ``seq_len`` and the packing; streaming corpora are packed lazily.
 * ``grain`` shuffles (a seeded permutation per epoch), shards per host, batches, prefetches, and its iterator
   state is saved with every checkpoint.
 
@@ -298,25 +300,54 @@ def special_ids(tokenizer: Any) -> tuple[int, int, int]:
 def pack_token_lists(token_lists: list[list[int]], seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> np.ndarray:
     """Concatenate documents (each followed by SEP) and cut into rows ``[CLS] chunk [SEP]`` of ``seq_len``;
     the last row is padded. Returns int32[R, seq_len] (R = 0 for no tokens)."""
+    return pack_rows(token_lists, seq_len, cls_id, sep_id, pad_id)[0]
+
+
+def pack_rows(
+    token_lists: list[list[int]], seq_len: int, cls_id: int, sep_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pack_token_lists`'s rows and their segment ids: (ids int32[R, seq_len], segments int32[R, seq_len]).
+
+    Segment ids follow :mod:`flax_narrow.ops.packing`: the pieces of documents in a row are numbered 1, 2, ...,
+    padding is 0. A document's piece includes the SEP that follows it; the row's CLS belongs to its first
+    piece and the row's closing SEP to its last, so every real token is in a segment and a packed row
+    computes what each piece computes alone. Pieces get no CLS of their own: the ids are exactly
+    :func:`pack_token_lists`'s. A document cut at a row end continues as segment 1 of the next row (after that
+    row's CLS), a document of its own there: rows never attend to each other anyway.
+
+    >>> ids, seg = pack_rows([[7, 8, 9], [5, 6]], 6, cls_id=2, sep_id=3, pad_id=0)
+    >>> ids.tolist(), seg.tolist()
+    ([[2, 7, 8, 9, 3, 3], [2, 5, 6, 3, 3, 0]], [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    >>> pack_rows([[7], [8], [9, 9, 9], [6]], 6, cls_id=2, sep_id=3, pad_id=0)[1].tolist()
+    [[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    """
     body = seq_len - 2
     stream: list[int] = []
+    doc: list[int] = []  # the index of each stream token's (non-empty) document
     for ids in token_lists:
         if ids:
+            doc.extend([doc[-1] + 1 if doc else 0] * (len(ids) + 1))
             stream.extend(ids)
             stream.append(sep_id)
     if not stream:
-        return np.zeros((0, seq_len), np.int32)
+        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
     n_rows = -(-len(stream) // body)
     out = np.full((n_rows, seq_len), pad_id, np.int32)
+    seg = np.zeros((n_rows, seq_len), np.int32)
+    doc_arr = np.asarray(doc, np.int32)
     for r in range(n_rows):
         chunk = stream[r * body : (r + 1) * body]
         out[r, 0] = cls_id
         out[r, 1 : 1 + len(chunk)] = chunk
         out[r, 1 + len(chunk)] = sep_id
-    return out
+        pieces = doc_arr[r * body : (r + 1) * body] - doc_arr[r * body] + 1
+        seg[r, 0] = 1
+        seg[r, 1 : 1 + len(chunk)] = pieces
+        seg[r, 1 + len(chunk)] = pieces[-1]
+    return out, seg
 
 
-def _pack_fn(tokenizer: Any, seq_len: int, column: str):
+def _pack_fn(tokenizer: Any, seq_len: int, column: str, segments: bool = False):
     cls_id, sep_id, pad_id = special_ids(tokenizer)
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
@@ -328,40 +359,63 @@ def _pack_fn(tokenizer: Any, seq_len: int, column: str):
             return_token_type_ids=False,
             verbose=False,
         )["input_ids"]
-        return {"input_ids": list(pack_token_lists(enc, seq_len, cls_id, sep_id, pad_id))}
+        if not segments:
+            return {"input_ids": list(pack_token_lists(enc, seq_len, cls_id, sep_id, pad_id))}
+        ids, seg = pack_rows(enc, seq_len, cls_id, sep_id, pad_id)
+        return {"input_ids": list(ids), "segment_ids": list(seg)}
 
     return pack
 
 
+def uses_segments(cfg: DataConfig) -> bool:
+    """Whether rows carry segment ids (``data.packing="segments"``)."""
+    return cfg.packing == "segments"
+
+
 def pack_documents(docs: Any, tokenizer: Any, cfg: DataConfig) -> Any:
-    """Tokenize and pack (lazily for an IterableDataset) into a dataset with one ``input_ids`` column."""
+    """Tokenize and pack (lazily for an IterableDataset) into a dataset with an ``input_ids`` column (and a
+    ``segment_ids`` column with ``data.packing="segments"``)."""
     import datasets
 
-    fn = _pack_fn(tokenizer, cfg.seq_len, cfg.text_column)
+    fn = _pack_fn(tokenizer, cfg.seq_len, cfg.text_column, uses_segments(cfg))
     columns = list(docs.column_names or [])
     if isinstance(docs, datasets.IterableDataset):
         return docs.map(fn, batched=True, batch_size=1000, remove_columns=columns)
     return docs.map(fn, batched=True, batch_size=1000, remove_columns=columns, num_proc=cfg.num_proc)
 
 
+def packed_cache_key(cfg: DataConfig, tokenizer: Any, cache_dir: str, split: str) -> dict[str, Any]:
+    """What identifies a packed split. ``packing`` enters only when it is not the default, so caches written
+    before the option existed keep their keys."""
+    key: dict[str, Any] = {
+        "src": source_key(cfg, cache_dir),
+        "split": split,
+        "tok": tokenizer_fingerprint(tokenizer),
+        "seq_len": cfg.seq_len,
+        "v": PACK_VERSION,
+    }
+    if cfg.packing != "concat":
+        key["packing"] = cfg.packing
+    return key
+
+
+def packed_cache_dir(cfg: DataConfig, tokenizer: Any, cache_dir: str, split: str) -> str:
+    """``cache_dir/packed/<split>-L<seq_len>[-segments]-<digest of packed_cache_key>``."""
+    tag = "-segments" if uses_segments(cfg) else ""
+    key = _digest(packed_cache_key(cfg, tokenizer, cache_dir, split))
+    return os.path.join(cache_dir, "packed", f"{split}-L{cfg.seq_len}{tag}-{key}")
+
+
 def packed_cached(docs: Any, tokenizer: Any, cfg: DataConfig, cache_dir: str, split: str) -> Any:
-    """Pack a map-style dataset once and keep it under ``cache_dir/packed/<key>`` (memory-mapped on reuse)."""
+    """Pack a map-style dataset once and keep it under :func:`packed_cache_dir` (memory-mapped on reuse)."""
     import datasets
 
-    key = _digest(
-        {
-            "src": source_key(cfg, cache_dir),
-            "split": split,
-            "tok": tokenizer_fingerprint(tokenizer),
-            "seq_len": cfg.seq_len,
-            "v": PACK_VERSION,
-        }
-    )
-    final = os.path.join(cache_dir, "packed", f"{split}-L{cfg.seq_len}-{key}")
+    final = packed_cache_dir(cfg, tokenizer, cache_dir, split)
     if not os.path.isdir(final):
         log.info("tokenizing and packing the %s split (%d documents) into rows of %d", split, len(docs), cfg.seq_len)
         packed = pack_documents(docs, tokenizer, cfg)
-        packed = packed.cast_column("input_ids", datasets.Sequence(datasets.Value("int32"), length=cfg.seq_len))
+        for column in packed.column_names:
+            packed = packed.cast_column(column, datasets.Sequence(datasets.Value("int32"), length=cfg.seq_len))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.{uuid.uuid4().hex}.tmp"
         packed.save_to_disk(tmp)
@@ -380,21 +434,42 @@ def unigram_log_probs(rows: np.ndarray, vocab_size: int, exclude: Sequence[int] 
     return (logp - logp.mean()).astype(np.float32)
 
 
+Rows = np.ndarray | dict[str, np.ndarray]
+"""Packed rows on the host: int32[..., L] token ids, or with segment ids ``{"input_ids", "segment_ids"}``
+(each int32[..., L]); the batching below keeps the form."""
+
+
+def _row(example: dict[str, Any]) -> Rows:
+    ids = np.asarray(example["input_ids"], np.int32)
+    if "segment_ids" not in example:
+        return ids
+    return {"input_ids": ids, "segment_ids": np.asarray(example["segment_ids"], np.int32)}
+
+
+def split_rows(rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input_ids, segment_ids or None) of host rows of either form."""
+    if isinstance(rows, dict):
+        return rows["input_ids"], rows["segment_ids"]
+    return rows, None
+
+
 class PackedRows:
-    """A grain random-access source over packed rows: ``source[i]`` is int32[seq_len]."""
+    """A grain random-access source over packed rows: ``source[i]`` is int32[seq_len], or a dict of
+    ``input_ids`` and ``segment_ids`` (each int32[seq_len]) when the cache holds segment ids."""
 
     def __init__(self, packed: Any):
         self._ds = packed.with_format("numpy")
         self._n = len(packed)
+        self.has_segments = "segment_ids" in packed.column_names
 
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        return np.asarray(self._ds[int(index)]["input_ids"], np.int32)
+    def __getitem__(self, index: int) -> Rows:
+        return _row(self._ds[int(index)])
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._ds[start:stop]["input_ids"], np.int32)
+    def rows(self, start: int, stop: int) -> Rows:
+        return _row(self._ds[start:stop])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,13 +481,16 @@ class HostShard:
     rows: int
 
 
-def _stack(rows: list[np.ndarray]) -> np.ndarray:
+def _stack(rows: list[Rows]) -> Rows:
+    if isinstance(rows[0], dict):
+        return {k: _stack([r[k] for r in rows]) for k in rows[0]}
     return np.stack(rows).astype(np.int32)
 
 
 def train_dataset(source: Any, *, seed: int, accum: int, shard: HostShard) -> grain.MapDataset:
     """Map-style pipeline: seeded shuffle reshuffled each epoch, infinite; chunks of ``shard.rows`` rows; this
-    host's chunks ``index::count``; ``accum`` chunks per step. Elements: int32[accum, shard.rows, L]."""
+    host's chunks ``index::count``; ``accum`` chunks per step. Elements: int32[accum, shard.rows, L] (a dict of
+    two such arrays for rows with segment ids)."""
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.batch(shard.rows, drop_remainder=True, batch_fn=_stack)
     ds = ds.slice(slice(shard.index, None, shard.count))
@@ -440,7 +518,7 @@ class _HFStreamIterator(grain.DatasetIterator):
         self._epoch = 0
         self._it = iter(hf_ds)
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> Rows:
         try:
             row = next(self._it)
         except StopIteration:
@@ -449,7 +527,7 @@ class _HFStreamIterator(grain.DatasetIterator):
             self._hf.set_epoch(self._epoch)
             self._it = iter(self._hf)
             row = next(self._it)
-        return np.asarray(row["input_ids"], np.int32)
+        return _row(row)
 
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "hf": json.loads(json.dumps(self._hf.state_dict(), default=int))}
@@ -489,9 +567,10 @@ def streaming_dataset(
     return it.batch(accum, drop_remainder=True, batch_fn=_stack)
 
 
-def eval_batches(source: PackedRows, rows_per_batch: int, num_batches: int, shard: HostShard) -> list[np.ndarray]:
+def eval_batches(source: PackedRows, rows_per_batch: int, num_batches: int, shard: HostShard) -> list[Rows]:
     """The first ``num_batches`` global batches of the eval rows (unshuffled), this host's rows of each:
-    int32[shard.rows, L] each. Fewer when the eval split is small; raises when it holds no full batch."""
+    int32[shard.rows, L] each (or a dict with segment ids). Fewer when the eval split is small; raises when it
+    holds no full batch."""
     available = len(source) // rows_per_batch
     if available == 0:
         raise ConfigError(

@@ -95,7 +95,7 @@ class Pipeline:
 
     tokenizer: Any
     train_iter: Any
-    eval_sets: list[np.ndarray]
+    eval_sets: list[D.Rows]
     shard: D.HostShard
     masking: MaskingSpec
     train_source: Any = None  # the map-style training rows (None for streaming data)
@@ -346,8 +346,18 @@ def pretrain(
         else None
     )
     accum, micro, seq_len = tcfg.grad_accum_steps, tcfg.micro_batch_size, cfg.data.seq_len
+    segments = D.uses_segments(cfg.data)
     compiled = S.compile_steps(
-        train_fn, eval_fn, spec, mesh, accum=accum, micro_batch=micro, seq_len=seq_len, rest=rest, teacher=teacher
+        train_fn,
+        eval_fn,
+        spec,
+        mesh,
+        accum=accum,
+        micro_batch=micro,
+        seq_len=seq_len,
+        rest=rest,
+        teacher=teacher,
+        segment_ids=segments,
     )
     log.info("train step compiled in %.1f s; memory analysis %s", compiled.compile_seconds, compiled.memory)
     flops_per_step = F.train_step_flops(
@@ -427,8 +437,10 @@ def pretrain(
     def evaluate(step_no: int) -> None:
         totals: dict[str, float] = {}
         for i, local in enumerate(pipe.eval_sets):
-            ids = D.global_array(local, eval_sharding, (micro, seq_len))
-            sums = jax.device_get(compiled.eval(state.params, ids, np.int32(i), rest, t_params, t_rest))
+            local_ids, local_seg = D.split_rows(local)
+            ids = D.global_array(local_ids, eval_sharding, (micro, seq_len))
+            seg = None if local_seg is None else D.global_array(local_seg, eval_sharding, (micro, seq_len))
+            sums = jax.device_get(compiled.eval(state.params, ids, np.int32(i), rest, t_params, t_rest, seg))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         count = max(totals["count"], 1.0)
@@ -455,9 +467,10 @@ def pretrain(
         with StopSignals() as sigterm:
             end = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
             for step in range(start_step, end):
-                local = next(pipe.train_iter)
-                ids = D.global_array(local, ids_sharding, global_shape)
-                state, metrics = compiled.train(state, ids, rest, t_params, t_rest)
+                local_ids, local_seg = D.split_rows(next(pipe.train_iter))
+                ids = D.global_array(local_ids, ids_sharding, global_shape)
+                seg = None if local_seg is None else D.global_array(local_seg, ids_sharding, global_shape)
+                state, metrics = compiled.train(state, ids, rest, t_params, t_rest, seg)
                 step_no = step + 1
                 pending.append((step_no, metrics))
                 window_steps += 1
@@ -569,7 +582,7 @@ def restore_model(
 def _unigram_output_bias(state: S.TrainState, spec: S.StateSpec, pipe: Pipeline, vocab_size: int) -> S.TrainState:
     """``state`` with the MLM decoder bias set to the training rows' token log-frequencies (every host counts
     the same rows, so the bias agrees across processes); shardings unchanged."""
-    rows = pipe.train_source.rows(0, len(pipe.train_source))
+    rows, _ = D.split_rows(pipe.train_source.rows(0, len(pipe.train_source)))
     exclude = sorted(set(pipe.masking.special_token_ids) | {pipe.masking.pad_token_id})
     logp = jnp.asarray(D.unigram_log_probs(rows, vocab_size, exclude))
     log.info(
@@ -599,6 +612,9 @@ def _check_resume_meta(cfg: PretrainConfig, meta: dict[str, Any], where: str | N
         a, b = saved.get(section, {}).get(f), mine[section][f]
         if a != b:
             problems.append(f"{section}.{f}: checkpoint {a} vs now {b}")
+    packing = saved.get("data", {}).get("packing", "concat")  # runs saved before the option: concat
+    if packing != mine["data"]["packing"]:
+        problems.append(f"data.packing: checkpoint {packing} vs now {mine['data']['packing']}")
     if problems:
         raise ConfigError(f"{where}: cannot resume, the run changed: " + "; ".join(problems))
     if saved.get("train", {}).get("seed") != mine["train"]["seed"]:

@@ -68,7 +68,8 @@ class MaskedBatch:
     """The model's inputs and targets for one MLM batch (B rows, L tokens, P slots).
 
     input_ids: int32[B, L] corrupted ids; attention_mask: bool[B, L] (not padding);
-    positions: int32[B, P] ascending; valid: bool[B, P]; labels: int32[B, P] original ids at the positions.
+    positions: int32[B, P] ascending; valid: bool[B, P]; labels: int32[B, P] original ids at the positions;
+    segment_ids: int32[B, L] packed rows' documents (:mod:`flax_narrow.ops.packing`), or None.
     """
 
     input_ids: jax.Array
@@ -76,10 +77,13 @@ class MaskedBatch:
     positions: jax.Array
     valid: jax.Array
     labels: jax.Array
+    segment_ids: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    MaskedBatch, data_fields=["input_ids", "attention_mask", "positions", "valid", "labels"], meta_fields=[]
+    MaskedBatch,
+    data_fields=["input_ids", "attention_mask", "positions", "valid", "labels", "segment_ids"],
+    meta_fields=[],
 )
 
 
@@ -90,12 +94,18 @@ def maskable(input_ids_bl: jax.Array, special_token_ids: Sequence[int], pad_toke
 
 
 def mask_tokens(
-    input_ids_bl: jax.Array, key: jax.Array, spec: MaskingSpec, row_ids_b: jax.Array | None = None
+    input_ids_bl: jax.Array,
+    key: jax.Array,
+    spec: MaskingSpec,
+    row_ids_b: jax.Array | None = None,
+    segment_ids_bl: jax.Array | None = None,
 ) -> MaskedBatch:
     """Select and corrupt tokens of ``input_ids_bl`` (int32[B, L]); see the module docstring.
 
     Each row draws from ``fold_in(key, row_id)`` (``row_ids_b``: int32[B], default 0..B-1), so a row's masks
     depend on its index in the global batch only, not on how the batch is split into micro-batches.
+    ``segment_ids_bl`` (int32[B, L], packed rows; 0 = padding): segment 0 is never selected nor attended, and
+    the ids travel on in the batch to the model.
     """
     ids = input_ids_bl.astype(jnp.int32)
     p = spec.max_predictions
@@ -105,6 +115,11 @@ def mask_tokens(
     row_keys = jax.vmap(lambda r: jax.random.split(jax.random.fold_in(key, r), 3))(row_ids_b)
     k_select, k_kind, k_random = row_keys[:, 0], row_keys[:, 1], row_keys[:, 2]
     candidate_bl = maskable(ids, spec.special_token_ids, spec.pad_token_id)
+    attention_bl = ids != spec.pad_token_id
+    if segment_ids_bl is not None:
+        segment_ids_bl = segment_ids_bl.astype(jnp.int32)
+        candidate_bl = candidate_bl & (segment_ids_bl > 0)
+        attention_bl = attention_bl & (segment_ids_bl > 0)
     count_b = candidate_bl.sum(axis=1, dtype=jnp.int32)
     # BERT: round(c * prob), at least 1, at most P (never more than there are candidates).
     want_b = jnp.round(count_b.astype(jnp.float32) * spec.mask_prob).astype(jnp.int32)
@@ -132,17 +147,23 @@ def mask_tokens(
     corrupted = jnp.where(replaced_bl, new_bl, ids)
     return MaskedBatch(
         input_ids=corrupted,
-        attention_mask=ids != spec.pad_token_id,
+        attention_mask=attention_bl,
         positions=positions_bp,
         valid=valid_bp,
         labels=labels_bp,
+        segment_ids=segment_ids_bl,
     )
 
 
-def expected_predictions(input_ids_bl: np.ndarray, spec: MaskingSpec) -> np.ndarray:
+def expected_predictions(
+    input_ids_bl: np.ndarray, spec: MaskingSpec, segment_ids_bl: np.ndarray | None = None
+) -> np.ndarray:
     """int[B]: how many slots :func:`mask_tokens` fills per row (host-side reference for tests and FLOPs)."""
     ids = np.asarray(input_ids_bl)
     special = np.asarray(sorted(set(spec.special_token_ids) | {spec.pad_token_id}))
-    count = (~np.isin(ids, special)).sum(axis=1)
+    ok = ~np.isin(ids, special)
+    if segment_ids_bl is not None:
+        ok &= np.asarray(segment_ids_bl) > 0
+    count = ok.sum(axis=1)
     want = np.clip(np.round(count * spec.mask_prob).astype(int), 1, spec.max_predictions)
     return np.minimum(want, count)

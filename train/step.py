@@ -187,6 +187,7 @@ def _forward(graphdef, params, rest, masked, *, deterministic: bool, dropout_key
         masked.attention_mask,
         narrow_positions=masked.positions,
         narrow_valid=masked.valid,
+        segment_ids=masked.segment_ids,
         deterministic=deterministic,
     )
     return out.logits
@@ -281,7 +282,9 @@ def make_train_step(
     kd: KDConfig,
     teacher_graphdef: Any | None = None,
 ) -> Callable:
-    """The pure step ``(state, ids int32[A, Bm, L], rest, teacher_params, teacher_rest) -> (state, metrics)``.
+    """The pure step ``(state, ids int32[A, Bm, L], rest, teacher_params, teacher_rest, segment_ids) ->
+    (state, metrics)``; ``segment_ids`` int32[A, Bm, L] for packed rows whose documents must not see each other
+    (``data.packing="segments"``), or None.
 
     ``metrics`` holds scalars (loss, mlm_loss, kd_loss, accuracy, predictions, tokens, grad_norm,
     param_norm, update_norm, learning_rate, finite) and ``leaf_grad_norms`` f32[num_params] for diagnostics.
@@ -292,10 +295,11 @@ def make_train_step(
         raise ConfigError("kd is enabled but no teacher graph was given")
     w_mlm, w_kd, temp = float(kd.mlm_weight), float(kd.kd_weight), float(kd.temperature)
 
-    def micro_sums(params, rest, t_params, t_rest, ids_bl, step, micro):
+    def micro_sums(params, rest, t_params, t_rest, ids_bl, seg_bl, step, micro):
         mask_key, drop_key = step_keys(seed, step, micro)
         rows = ids_bl.shape[0]
-        masked = mask_tokens(ids_bl, mask_key, masking, micro * rows + jnp.arange(rows, dtype=jnp.int32))
+        row_ids = micro * rows + jnp.arange(rows, dtype=jnp.int32)
+        masked = mask_tokens(ids_bl, mask_key, masking, row_ids, segment_ids_bl=seg_bl)
 
         def objective(p):
             logits = _forward(graphdef, p, rest, masked, deterministic=False, dropout_key=drop_key)
@@ -312,21 +316,24 @@ def make_train_step(
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, sums
 
-    def train_step(state: TrainState, ids_abl: jax.Array, rest, t_params, t_rest):
+    def train_step(state: TrainState, ids_abl: jax.Array, rest, t_params, t_rest, seg_abl=None):
         accum = ids_abl.shape[0]
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
 
         def body(carry, xs):
             g_acc, s_acc = carry
-            ids_bl, micro = xs
-            g, s = micro_sums(state.params, rest, t_params, t_rest, ids_bl, state.step, micro)
+            ids_bl, seg_bl, micro = xs
+            g, s = micro_sums(state.params, rest, t_params, t_rest, ids_bl, seg_bl, state.step, micro)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             s_acc = jax.tree.map(jnp.add, s_acc, s)
             return (g_acc, s_acc), None
 
-        s0 = jax.eval_shape(lambda: micro_sums(state.params, rest, t_params, t_rest, ids_abl[0], state.step, 0)[1])
+        seg0 = None if seg_abl is None else seg_abl[0]
+        s0 = jax.eval_shape(
+            lambda: micro_sums(state.params, rest, t_params, t_rest, ids_abl[0], seg0, state.step, 0)[1]
+        )
         s0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s0)
-        (grads, sums), _ = jax.lax.scan(body, (zero_grads, s0), (ids_abl, jnp.arange(accum)))
+        (grads, sums), _ = jax.lax.scan(body, (zero_grads, s0), (ids_abl, seg_abl, jnp.arange(accum)))
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = sums["objective_sum"] / count
@@ -350,13 +357,13 @@ def make_train_step(
 def make_eval_step(
     graphdef: Any, masking: MaskingSpec, *, seed: int, kd: KDConfig, teacher_graphdef: Any | None = None
 ) -> Callable:
-    """``(params, ids int32[Bm, L], index int32[], rest, t_params, t_rest) -> sums``: deterministic (no dropout),
-    masks drawn from (seed, index) so every evaluation of the same batch sees the same masks."""
+    """``(params, ids int32[Bm, L], index int32[], rest, t_params, t_rest, segment_ids int32[Bm, L] or None) ->
+    sums``: deterministic (no dropout), masks drawn from (seed, index) so every evaluation of the same batch sees
+    the same masks."""
     use_kd = kd.enabled
 
-    def eval_step(params, ids_bl, index, rest, t_params, t_rest):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _EVAL_STREAM), index)
-        masked = mask_tokens(ids_bl, key, masking)
+    def eval_step(params, ids_bl, index, rest, t_params, t_rest, seg_bl=None):
+        masked = mask_tokens(ids_bl, eval_mask_key(seed, index), masking, segment_ids_bl=seg_bl)
         logits = _forward(graphdef, params, rest, masked, deterministic=True)
         sums = mlm_sums(logits, masked.labels, masked.valid)
         if use_kd:
@@ -365,6 +372,11 @@ def make_eval_step(
         return sums
 
     return eval_step
+
+
+def eval_mask_key(seed: int, index: jax.Array | int) -> jax.Array:
+    """The mask key of eval batch ``index``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _EVAL_STREAM), index)
 
 
 def _concrete_shardings(tree: Any) -> Any:
@@ -393,8 +405,12 @@ def compile_steps(
     seq_len: int,
     rest: Any,
     teacher: Teacher | None,
+    segment_ids: bool = False,
 ) -> CompiledSteps:
-    """``jax.jit`` with explicit in/out shardings and the state donated, lowered and compiled before the loop."""
+    """``jax.jit`` with explicit in/out shardings and the state donated, lowered and compiled before the loop.
+
+    ``segment_ids``: the steps take the rows' segment ids too (sharded like the token ids); else None there.
+    """
     state, state_sharding = spec.abstract, spec.shardings
     ids_sharding = shd.batch_sharding(mesh, 3, batch_dim=1)
     rest_sh = _concrete_shardings(rest)
@@ -407,12 +423,20 @@ def compile_steps(
     t0 = time.perf_counter()
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_sharding, ids_sharding, rest_sh, t_params_sh, t_rest_sh),
+        in_shardings=(
+            state_sharding,
+            ids_sharding,
+            rest_sh,
+            t_params_sh,
+            t_rest_sh,
+            ids_sharding if segment_ids else None,
+        ),
         out_shardings=(state_sharding, metric_sh),
         donate_argnums=(0,),
     )
     ids_abs = jax.ShapeDtypeStruct((accum, micro_batch, seq_len), jnp.int32, sharding=ids_sharding)
-    lowered = jitted.lower(shd.abstract_with_shardings(state, state_sharding), ids_abs, rest, t_params, t_rest)
+    seg_abs = ids_abs if segment_ids else None
+    lowered = jitted.lower(shd.abstract_with_shardings(state, state_sharding), ids_abs, rest, t_params, t_rest, seg_abs)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     eval_compiled = None
@@ -420,16 +444,26 @@ def compile_steps(
         e_ids = shd.batch_sharding(mesh, 2)
         ejit = jax.jit(
             eval_step,
-            in_shardings=(state_sharding.params, e_ids, replicated, rest_sh, t_params_sh, t_rest_sh),
+            in_shardings=(
+                state_sharding.params,
+                e_ids,
+                replicated,
+                rest_sh,
+                t_params_sh,
+                t_rest_sh,
+                e_ids if segment_ids else None,
+            ),
             out_shardings=replicated,
         )
+        e_abs = jax.ShapeDtypeStruct((micro_batch, seq_len), jnp.int32, sharding=e_ids)
         eval_compiled = ejit.lower(
             shd.abstract_with_shardings(state.params, state_sharding.params),
-            jax.ShapeDtypeStruct((micro_batch, seq_len), jnp.int32, sharding=e_ids),
+            e_abs,
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             rest,
             t_params,
             t_rest,
+            e_abs if segment_ids else None,
         ).compile()
     memory = _memory(compiled)
     flops = _xla_flops(compiled)
