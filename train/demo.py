@@ -99,7 +99,7 @@ def train_rows(cfg: Any, tokenizer: Any) -> np.ndarray:
     cache_dir = os.path.expanduser(cfg.data.cache_dir)
     docs, _ = D.load_documents(cfg.data, cache_dir)
     source = D.PackedRows(D.packed_cached(docs, tokenizer, cfg.data, cache_dir, "train"))
-    return source.rows(0, len(source))
+    return D.split_rows(source.rows(0, len(source)))[0]
 
 
 def eval_rows(cfg: Any, tokenizer: Any) -> list[np.ndarray]:
@@ -111,7 +111,8 @@ def eval_rows(cfg: Any, tokenizer: Any) -> list[np.ndarray]:
     _, eval_docs = D.load_documents(cfg.data, cache_dir)
     source = D.PackedRows(D.packed_cached(eval_docs, tokenizer, cfg.data, cache_dir, "eval"))
     micro = cfg.train.micro_batch_size
-    return D.eval_batches(source, micro, cfg.train.eval_batches, D.HostShard(index=0, count=1, rows=micro))
+    batches = D.eval_batches(source, micro, cfg.train.eval_batches, D.HostShard(index=0, count=1, rows=micro))
+    return [D.split_rows(b)[0] for b in batches]
 
 
 def eval_table(runs: dict[str, Any]) -> list[str]:
