@@ -44,7 +44,7 @@ $(TPU_STAMP): $(STAMP)
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) $(TPU_STAMP)
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check flax_narrow train convert tests benchmarks scripts

@@ -410,7 +410,7 @@ def _preset_demo_narrowbert() -> PretrainConfig:
             mask_token_prob=1.0,
             random_token_prob=0.0,
             learning_rate=1e-3,
-            warmup_steps=30,
+            warmup_ratio=0.0015,  # 30 of the 20,000 steps (a ratio, so a run given fewer steps still validates)
             decay="constant",
             output_bias_init="unigram",
             log_every=10,

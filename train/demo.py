@@ -341,6 +341,12 @@ def _worker(cfg: Any, saved_dir: str, settings: dict[str, Any], conn: Any) -> No
     except KeyboardInterrupt:
         conn.send(("interrupted", None))
     except BaseException as e:  # noqa: BLE001 - sent to the demo's process, which raises it there
+        from flax_narrow.errors import FlaxNarrowError
+
+        if not isinstance(e, FlaxNarrowError):  # a bug, not a bad input: its traceback goes to stderr
+            import traceback
+
+            traceback.print_exc()
         conn.send(("error", (type(e).__name__, str(e))))
     finally:
         conn.close()
@@ -393,7 +399,7 @@ def _train_together(configs: dict[str, Any], saved_dirs: dict[str, str]) -> dict
             cls = getattr(errors, kind, None)
             if isinstance(cls, type) and issubclass(cls, errors.FlaxNarrowError):
                 raise cls(message)
-            raise RuntimeError(f"{name}: {kind}: {message}")
+            raise errors.FlaxNarrowError(f"the {name} run failed: {kind}: {message}")
     return {name: replies[name][1] for name in configs}
 
 
