@@ -15,7 +15,6 @@ tokens' unigram entropy and their cross-entropy under the training split's frequ
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -54,6 +53,7 @@ def main() -> None:
     from flax_narrow.train import step as S
     from flax_narrow.train.config import KDConfig, MeshConfig, load_config
     from flax_narrow.train.demo import unigram_cross_entropy, unigram_entropy
+    from flax_narrow.train.loop import with_output_bias
     from flax_narrow.train.masking import MaskingSpec, mask_tokens
     from flax_narrow.train.optimizer import learning_rate_schedule, make_optimizer
 
@@ -100,12 +100,7 @@ def main() -> None:
     state, rest, sspec = S.create_state(cfg, tx, shd.make_mesh(MeshConfig(1, 1, 1)), seed=0)
     if a.unigram_bias:
         logp = jnp.asarray(D.unigram_log_probs(train, a.vocab, sorted(set(specials) | {pad_id})))
-
-        def one(path, leaf):
-            keys = tuple(str(getattr(k, "key", k)) for k in path)
-            return logp.astype(leaf.dtype) if keys[:3] == ("cls", "predictions", "bias") else leaf
-
-        state = dataclasses.replace(state, params=jax.tree_util.tree_map_with_path(one, state.params))
+        state = with_output_bias(state, logp)  # what train.output_bias_init=unigram does
     schedule = learning_rate_schedule(tcfg)
     step = jax.jit(S.make_train_step(sspec.graphdef, tx, spec, seed=0, schedule=schedule, kd=KDConfig()))
 

@@ -72,11 +72,14 @@ def unigram_cross_entropy(
 ) -> float:
     """Cross-entropy in nats of the tokens of ``rows`` under the token frequencies of ``train_rows`` (both
     int[..., L] arrays, special tokens excluded; ``alpha`` added to every count of the vocabulary seen in either,
-    so a token the training rows lack has a finite cost).
+    so a token the training rows lack has a finite cost): the frequencies
+    :func:`~flax_narrow.train.data.unigram_log_probs` gives ``train.output_bias_init=unigram``.
 
     This is the eval loss of a model that ignores context and has learned the training split's frequencies:
     the plateau a pretraining run sits on before it uses context. It is at least :func:`unigram_entropy`.
     """
+    from . import data as D
+
     special = np.asarray(list(special_ids))
 
     def tokens(rs: Sequence[np.ndarray]) -> np.ndarray:
@@ -86,10 +89,9 @@ def unigram_cross_entropy(
     ev, tr = tokens(rows), tokens(train_rows)
     if ev.size == 0 or tr.size == 0:
         raise InputError("unigram_cross_entropy: the rows hold no non-special token")
-    size = int(max(ev.max(), tr.max())) + 1
-    q = np.bincount(tr, minlength=size).astype(np.float64) + alpha
-    q /= q.sum()
-    return float(-np.log(q[ev]).mean())
+    logp = D.unigram_log_probs(tr, int(max(ev.max(), tr.max())) + 1, alpha=alpha).astype(np.float64)
+    logq = logp - np.log(np.exp(logp).sum())  # normalised: unigram_log_probs centres its log-frequencies
+    return float(-logq[ev].mean())
 
 
 def train_rows(cfg: Any, tokenizer: Any) -> np.ndarray:
@@ -377,12 +379,10 @@ def _train_together(configs: dict[str, Any], saved_dirs: dict[str, str]) -> dict
             try:
                 replies[name] = conn.recv()
             except EOFError:  # the worker died without a word (killed, out of memory)
+                procs[name].join()
                 replies[name] = (
                     "error",
-                    (
-                        "RuntimeError",
-                        f"the {name} worker exited with code {procs[name].join() or procs[name].exitcode}",
-                    ),
+                    ("FlaxNarrowError", f"the {name} worker exited with code {procs[name].exitcode}"),
                 )
         for p in procs.values():
             p.join()

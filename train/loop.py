@@ -589,14 +589,17 @@ def _unigram_output_bias(state: S.TrainState, spec: S.StateSpec, pipe: Pipeline,
         "train.output_bias_init=unigram: the MLM bias starts at the log-frequencies of %d training rows", len(rows)
     )
 
-    def put(st: S.TrainState, bias: jax.Array) -> S.TrainState:
-        def one(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-            keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-            return bias.astype(leaf.dtype) if keys[:3] == ("cls", "predictions", "bias") else leaf
+    return jax.jit(with_output_bias, out_shardings=spec.shardings)(state, logp)
 
-        return dataclasses.replace(st, params=jax.tree_util.tree_map_with_path(one, st.params))
 
-    return jax.jit(put, out_shardings=spec.shardings)(state, logp)
+def with_output_bias(state: S.TrainState, bias: jax.Array) -> S.TrainState:
+    """``state`` with the MLM decoder bias (``cls/predictions/bias``, float[vocab_size]) replaced by ``bias``."""
+
+    def one(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return bias.astype(leaf.dtype) if keys[:3] == ("cls", "predictions", "bias") else leaf
+
+    return dataclasses.replace(state, params=jax.tree_util.tree_map_with_path(one, state.params))
 
 
 def _check_resume_meta(cfg: PretrainConfig, meta: dict[str, Any], where: str | None) -> None:
